@@ -1,0 +1,1 @@
+"""The TorchServe custom handler and the preprocessing it shares with training."""

@@ -1,0 +1,47 @@
+"""All runtime settings in one typed place, read from the environment (and an optional `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    """Environment variables, upper-cased field names (e.g. `DATABASE_URL`, `UI_PORT`)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # PostgreSQL. Unset: an embedded server is started with its data under `data_dir/postgres`.
+    database_url: str | None = None
+    db_pool_max: int = Field(default=8, ge=1)
+
+    # TorchServe.
+    inference_url: str = "http://127.0.0.1:8080"
+    management_url: str = "http://127.0.0.1:8081"
+    metrics_url: str = "http://127.0.0.1:8082"
+    model_name: str = "mnist"
+    model_store: Path = ROOT / "model_store"
+    inference_timeout_s: float = Field(default=5.0, gt=0)
+
+    # The web page and JSON API.
+    ui_host: str = "127.0.0.1"
+    ui_port: int = Field(default=8500, ge=1, le=65535)
+    storage_secret: str | None = None  # NiceGUI's browser storage; generated per run when unset
+
+    # Where local state lives: embedded PostgreSQL data, TorchServe logs and pid files.
+    data_dir: Path = ROOT / ".data"
+    run_dir: Path = ROOT / ".run"
+
+    # Input limits shared by the API and the page.
+    max_upload_bytes: int = Field(default=2_000_000, gt=0)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests may call `get_settings.cache_clear()`)."""
+    return Settings()
