@@ -58,7 +58,8 @@ def test_only_the_ui_is_published_and_on_loopback(resolved: dict) -> None:
 
 
 def test_every_service_has_a_healthcheck(resolved: dict) -> None:
-    missing = [name for name, svc in resolved["services"].items() if not svc.get("healthcheck", {}).get("test")]
+    services = resolved["services"]
+    missing = [name for name, svc in services.items() if not svc.get("healthcheck", {}).get("test")]
     assert missing == []
 
 
