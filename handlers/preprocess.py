@@ -11,7 +11,11 @@ crops, scales, centres and stretches the contrast.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import json
+from http import HTTPStatus
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,23 +28,102 @@ SIZE = 28  # output side
 BOX = 20  # the ink's bounding box is scaled to fit BOX x BOX
 INK_THRESHOLD = 0.2  # ink level (0..1) that counts as a stroke when cropping
 MIN_INK_PIXELS = 4  # fewer stroke pixels than this is a blank drawing
-DEFAULT_MAX_PIXELS = 20_000_000  # decoded size limit, against decompression bombs
+DEFAULT_MAX_PIXELS = 16_000_000  # decoded size limit (4000x4000), against decompression bombs
+DEFAULT_MAX_BYTES = 2_000_000  # request body limit (the app's MAX_UPLOAD_BYTES)
 
 
 class PreprocessError(ValueError):
-    """The input cannot be turned into a digit; the message says why, for the person who sent it."""
+    """The input cannot be turned into a digit; the message says why, for the person who sent it.
+
+    `status` is the HTTP status a server answers with.
+    """
+
+    status: int = HTTPStatus.BAD_REQUEST
+
+
+class BadPayloadError(PreprocessError):
+    """The body is empty, or not the JSON / base64 we accept."""
+
+
+class PayloadTooLargeError(PreprocessError):
+    """The body is over the size limit."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
 class NotAnImageError(PreprocessError):
     """The bytes are not an image in a format we read."""
 
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
 
 class ImageTooLargeError(PreprocessError):
     """The image has more pixels than allowed."""
 
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
 
 class BlankImageError(PreprocessError):
     """The image has no ink: an empty canvas."""
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+def decode_payload(
+    body: object, content_type: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> bytes:
+    """A request body -> the image bytes it carries.
+
+    Accepts raw image bytes, or JSON `{"data": "<base64 or data: URL>"}` (as bytes, text, or the
+    dict a server already decoded). Raises `BadPayloadError` / `PayloadTooLargeError`.
+    """
+    if isinstance(body, bytes | bytearray):
+        body = bytes(body)
+        _check_size(len(body), max_bytes)
+        if not body.strip():
+            raise BadPayloadError("empty body: send a PNG, JPEG or WebP image")
+        if "json" not in (content_type or "").lower() and body.lstrip()[:1] != b"{":
+            return body
+        try:
+            body = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadPayloadError(f'invalid JSON: expected {{"data": "<base64 image>"}} ({exc})') from exc
+    elif isinstance(body, str):
+        _check_size(len(body), max_bytes)
+        text = body.strip()
+        if not text.startswith("{"):
+            return _decode_base64(text, max_bytes)
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            raise BadPayloadError(f'invalid JSON: expected {{"data": "<base64 image>"}} ({exc})') from exc
+    elif body is None:
+        raise BadPayloadError("empty body: send a PNG, JPEG or WebP image")
+    if not isinstance(body, dict) or not isinstance(body.get("data"), str):
+        raise BadPayloadError('invalid JSON: expected an object {"data": "<base64 image or data: URL>"}')
+    return _decode_base64(body["data"], max_bytes)
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise PayloadTooLargeError(f"body too large: {size:,} bytes, at most {max_bytes:,} are accepted")
+
+
+def _decode_base64(text: str, max_bytes: int) -> bytes:
+    """Base64 or a `data:image/...;base64,` URL -> bytes (limit checked before decoding)."""
+    text = text.strip()
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise BadPayloadError("invalid data: URL: expected data:image/...;base64,<data>")
+    text = "".join(text.split())
+    if not text:
+        raise BadPayloadError("empty image data: send a base64-encoded PNG, JPEG or WebP image")
+    _check_size(len(text) * 3 // 4, max_bytes)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadPayloadError(f"invalid base64 image data ({exc})") from exc
 
 
 def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -49,7 +132,9 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise NotAnImageError("empty body: send a PNG, JPEG or WebP image")
     try:
         img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise NotAnImageError("not an image: send a PNG, JPEG or WebP image") from exc
     width, height = img.size
     if width * height > max_pixels:
@@ -59,7 +144,9 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise NotAnImageError(f"cannot decode the image: {exc}") from exc
     return img
 
@@ -67,15 +154,15 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 def ink_map(img: Image.Image) -> np.ndarray:
     """Ink level in [0, 1] per pixel (1 = full stroke), whatever the mode and polarity.
 
-    - Transparency: on a mostly transparent canvas the strokes are the opaque pixels, whatever
-      their colour (white or black ink); otherwise the image is composited over white.
+    - Transparency: on a transparent canvas (transparent border) the strokes are the opaque
+      pixels, whatever their colour (white or black ink); otherwise it is composited over white.
     - Polarity: the background is the level of the border; dark-on-light is inverted.
     """
     if img.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode == "RGBA":
         alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
-        if alpha.min() < 0.98 and alpha.mean() < 0.5:
+        if _border_level(alpha) < 0.5:  # a transparent canvas: the strokes are what is opaque
             return alpha
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
@@ -85,8 +172,7 @@ def ink_map(img: Image.Image) -> np.ndarray:
         grey = (arr - arr.min()) / span
     else:
         grey = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    border = np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
-    background = float(np.median(border))
+    background = _border_level(grey)
     if background > 0.5:
         ink = background - grey
         scale = background
@@ -94,6 +180,12 @@ def ink_map(img: Image.Image) -> np.ndarray:
         ink = grey - background
         scale = 1.0 - background
     return np.clip(ink / max(scale, 1e-6), 0.0, 1.0)
+
+
+def _border_level(arr: np.ndarray) -> float:
+    """Median of the outermost rows and columns: the background level of a drawing."""
+    border = np.concatenate([arr[0, :], arr[-1, :], arr[:, 0], arr[:, -1]])
+    return float(np.median(border))
 
 
 def center_of_mass(arr: np.ndarray) -> tuple[float, float]:

