@@ -1,0 +1,391 @@
+"""Data access for predictions and labels: psycopg 3, an async connection pool, parameterised SQL only.
+
+Every failure to reach the server (refused, down, restarting, pool exhausted) is raised as
+`DatabaseUnavailable`, quickly (pool timeout of a few seconds); the pool reconnects by itself once
+the server is back, and connections a restart broke are dropped before use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.pq import ConnStatus
+from psycopg_pool import AsyncConnectionPool
+
+from db.export import ExportRow, build_export
+
+DIGITS = range(10)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_BYTES = 2_000_000  # also a CHECK constraint in the schema
+INPUT_PIXELS = 28 * 28
+MAX_TEXT = 200
+MAX_PAGE = 500
+POOL_TIMEOUT_S = 3.0  # how long a caller waits for a connection before DatabaseUnavailable
+CONNECT_TIMEOUT_S = 3
+RECONNECT_TIMEOUT_S = 5.0  # a background reconnect gives up after this; the next request retries
+
+
+class StoreError(Exception):
+    """Base of every error this module raises."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The server cannot be reached (down, restarting, overloaded); nothing was saved, retry later."""
+
+
+class PredictionNotFound(StoreError, LookupError):
+    """No prediction has this id."""
+
+
+class InvalidLabel(StoreError, ValueError):
+    """A true label must be an integer digit 0-9."""
+
+
+class InvalidPrediction(StoreError, ValueError):
+    """A prediction breaks a rule of the schema (digit range, probabilities, PNG, ...)."""
+
+
+@dataclass(frozen=True)
+class NewPrediction:
+    """A prediction to record. `input_pixels` is the model's 28x28 uint8 input, row-major (784 bytes)."""
+
+    digit: int
+    confidence: float
+    probabilities: Sequence[float]
+    model_name: str
+    model_version: str
+    latency_ms: float
+    image_png: bytes
+    input_pixels: bytes
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """A stored prediction without its blobs (`Store.image_png` fetches the drawing)."""
+
+    id: int
+    created_at: datetime
+    digit: int
+    confidence: float
+    probabilities: list[float]
+    model_name: str
+    model_version: str
+    latency_ms: float
+    true_label: int | None
+    labelled_at: datetime | None
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the prediction matches the true label; None while unlabelled."""
+        return None if self.true_label is None else self.true_label == self.digit
+
+
+@dataclass(frozen=True)
+class DigitStats:
+    """One digit: how often it was predicted, and how often drawings labelled with it were recognised."""
+
+    digit: int
+    predicted: int  # predictions of this digit (all rows)
+    labelled: int  # rows whose true label is this digit
+    correct: int  # ... of which predicted as this digit
+    accuracy: float | None  # correct / labelled (recall); None when nothing is labelled with it
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Totals, accuracy on labelled rows, per-digit figures and the confusion matrix [true][predicted].
+
+    `by_version` maps each model version to the same figures for its rows only (their own
+    `by_version` is empty).
+    """
+
+    total: int
+    labelled: int
+    correct: int
+    accuracy: float | None
+    per_digit: list[DigitStats]
+    confusion: list[list[int]]
+    by_version: dict[str, Stats] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        data = asdict(self)
+        data["by_version"] = {version: stats.to_dict() for version, stats in self.by_version.items()}
+        return data
+
+
+# -- pure logic ------------------------------------------------------------------------------------
+def validate_prediction(p: NewPrediction) -> None:
+    """Raise InvalidPrediction with a clear message if `p` breaks a rule of the schema."""
+
+    def fail(message: str) -> None:
+        raise InvalidPrediction(message)
+
+    if not _is_digit(p.digit):
+        fail(f"digit must be an integer 0-9, got {p.digit!r}")
+    if not _is_probability(p.confidence):
+        fail(f"confidence must be a number from 0 to 1, got {p.confidence!r}")
+    if len(p.probabilities) != 10:
+        fail(f"probabilities must have 10 values, got {len(p.probabilities)}")
+    if not all(_is_probability(x) for x in p.probabilities):
+        fail("probabilities must be numbers from 0 to 1")
+    for name in ("model_name", "model_version"):
+        value = getattr(p, name)
+        if not isinstance(value, str) or not 1 <= len(value) <= MAX_TEXT or "\x00" in value:
+            fail(f"{name} must be a text of 1-{MAX_TEXT} characters without NUL")
+    if not _is_number(p.latency_ms) or p.latency_ms < 0:
+        fail(f"latency_ms must be a number >= 0, got {p.latency_ms!r}")
+    if not isinstance(p.image_png, bytes | bytearray | memoryview) or bytes(p.image_png[:8]) != PNG_SIGNATURE:
+        fail("image_png must be PNG bytes")
+    if len(p.image_png) > MAX_PNG_BYTES:
+        fail(f"image_png is {len(p.image_png):,} bytes; at most {MAX_PNG_BYTES:,} are stored")
+    if not isinstance(p.input_pixels, bytes | bytearray | memoryview) or len(p.input_pixels) != INPUT_PIXELS:
+        fail(f"input_pixels must be {INPUT_PIXELS} bytes (28x28 uint8)")
+
+
+def validate_label(label: object) -> int:
+    """The label as an int, or InvalidLabel."""
+    if not _is_digit(label):
+        raise InvalidLabel(f"a label is a digit 0-9, got {label!r}")
+    return int(label)  # type: ignore[call-overload]
+
+
+def compute_stats(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
+    """Stats from (model_version, true_label or None, predicted digit, count) groups."""
+    groups = list(groups)
+    versions = sorted({version for version, *_ in groups})
+    overall = _stats_of(groups)
+    by_version = {v: _stats_of(g for g in groups if g[0] == v) for v in versions}
+    return replace(overall, by_version=by_version)
+
+
+def _stats_of(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
+    confusion = [[0] * 10 for _ in DIGITS]
+    predicted = [0] * 10
+    total = 0
+    for _version, true_label, digit, count in groups:
+        total += count
+        predicted[digit] += count
+        if true_label is not None:
+            confusion[true_label][digit] += count
+    labelled = sum(map(sum, confusion))
+    correct = sum(confusion[d][d] for d in DIGITS)
+    per_digit = [
+        DigitStats(
+            digit=d,
+            predicted=predicted[d],
+            labelled=sum(confusion[d]),
+            correct=confusion[d][d],
+            accuracy=confusion[d][d] / sum(confusion[d]) if sum(confusion[d]) else None,
+        )
+        for d in DIGITS
+    ]
+    return Stats(
+        total=total,
+        labelled=labelled,
+        correct=correct,
+        accuracy=correct / labelled if labelled else None,
+        per_digit=per_digit,
+        confusion=confusion,
+    )
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_probability(x: object) -> bool:
+    return _is_number(x) and 0 <= x <= 1  # type: ignore[operator]
+
+
+def _is_digit(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 9
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"database unavailable: {text[0] if text else type(exc).__name__}"
+
+
+def _is_stale(conn: AsyncConnection[Any]) -> bool:
+    """True if the server closed this idle connection (e.g. it restarted); costs no round trip."""
+    pgconn = conn.pgconn
+    if pgconn.status != ConnStatus.OK:
+        return True
+    try:
+        pgconn.consume_input()
+    except psycopg.OperationalError:
+        return True
+    return pgconn.status != ConnStatus.OK
+
+
+# -- I/O -------------------------------------------------------------------------------------------
+COLUMNS = (
+    "id, created_at, digit, confidence, probabilities, model_name, model_version, latency_ms, "
+    "true_label, labelled_at"
+)
+
+INSERT = """
+INSERT INTO predictions
+    (digit, confidence, probabilities, model_name, model_version, latency_ms, image_png, input_pixels)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+RETURNING id
+"""
+
+
+class Store:
+    """The app's access to PostgreSQL. Open with `await Store.open(url)`; close with `await close()`."""
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, max_size: int = 8, timeout: float = POOL_TIMEOUT_S) -> Store:
+        """A store with a pool of up to `max_size` connections; works even if the server is down now."""
+        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            timeout=timeout,
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
+            kwargs={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "application_name": "digit-classifier",
+                "options": "-c TimeZone=UTC",
+            },
+            name="store",
+        )
+        await pool.open(wait=False)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """A pooled connection in a transaction; connection failures become DatabaseUnavailable."""
+        try:
+            conn = await self._pool.getconn()
+            if _is_stale(conn):
+                await self._pool.putconn(conn)  # the pool drops it and opens a replacement
+                await self._pool.check()  # and drops the other idle ones the same restart broke
+                conn = await self._pool.getconn()
+            try:
+                async with conn:  # commit on success, roll back on error
+                    yield conn
+            finally:
+                await self._pool.putconn(conn)
+        except psycopg.OperationalError as exc:  # includes PoolTimeout
+            raise DatabaseUnavailable(_short(exc)) from exc
+
+    async def ping(self) -> bool:
+        """Whether the server answers now (never raises)."""
+        try:
+            async with self._connection() as conn:
+                await conn.execute("SELECT 1")
+        except (StoreError, psycopg.Error):
+            return False
+        return True
+
+    async def record_prediction(self, p: NewPrediction) -> int:
+        """Store a prediction; return its id."""
+        validate_prediction(p)
+        params = (
+            p.digit,
+            float(p.confidence),
+            [float(x) for x in p.probabilities],
+            p.model_name,
+            p.model_version,
+            float(p.latency_ms),
+            bytes(p.image_png),
+            bytes(p.input_pixels),
+        )
+        try:
+            async with self._connection() as conn:
+                cur = await conn.execute(INSERT, params)
+                row = await cur.fetchone()
+        except (psycopg.IntegrityError, psycopg.DataError) as exc:
+            raise InvalidPrediction(f"rejected by the database: {exc.diag.message_primary}") from exc
+        assert row is not None
+        return int(row[0])
+
+    async def set_label(self, prediction_id: int, label: int) -> None:
+        """Set or replace the true label of a prediction."""
+        label = validate_label(label)
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "UPDATE predictions SET true_label = %s, labelled_at = now() WHERE id = %s",
+                (label, prediction_id),
+            )
+            if cur.rowcount == 0:
+                raise PredictionNotFound(f"no prediction with id {prediction_id}")
+
+    async def get(self, prediction_id: int) -> PredictionRow:
+        """One prediction (without blobs)."""
+        async with self._connection() as conn:
+            cur = await conn.execute(f"SELECT {COLUMNS} FROM predictions WHERE id = %s", (prediction_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise PredictionNotFound(f"no prediction with id {prediction_id}")
+        return PredictionRow(*row)
+
+    async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]:
+        """Newest first, at most `limit` (1-500); the next page is `recent(limit, before_id=last.id)`."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be 1-{MAX_PAGE}, got {limit!r}")
+        async with self._connection() as conn:
+            if before_id is None:
+                cur = await conn.execute(
+                    f"SELECT {COLUMNS} FROM predictions ORDER BY id DESC LIMIT %s", (limit,)
+                )
+            else:
+                cur = await conn.execute(
+                    f"SELECT {COLUMNS} FROM predictions WHERE id < %s ORDER BY id DESC LIMIT %s",
+                    (before_id, limit),
+                )
+            rows = await cur.fetchall()
+        return [PredictionRow(*row) for row in rows]
+
+    async def image_png(self, prediction_id: int) -> bytes:
+        """The drawing of a prediction, as stored."""
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT image_png FROM predictions WHERE id = %s", (prediction_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise PredictionNotFound(f"no prediction with id {prediction_id}")
+        return bytes(row[0])
+
+    async def stats(self) -> Stats:
+        """Statistics over all rows, and per model version (one index-only scan, grouped)."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT model_version, true_label, digit, count(*) FROM predictions GROUP BY 1, 2, 3"
+            )
+            groups = await cur.fetchall()
+        return compute_stats(groups)
+
+    async def export_labelled(self) -> bytes:
+        """A zip of the labelled drawings: PNGs, labels.csv and MNIST-style IDX files (see db.export)."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, true_label, digit, confidence, model_name, model_version, created_at, "
+                "labelled_at, image_png, input_pixels FROM predictions "
+                "WHERE true_label IS NOT NULL ORDER BY id"
+            )
+            rows = [ExportRow(*row[:8], bytes(row[8]), bytes(row[9])) for row in await cur.fetchall()]
+        return await asyncio.to_thread(build_export, rows)
