@@ -1,0 +1,64 @@
+"""Fixtures for the UI tests: the app on fakes, driven through NiceGUI's simulated user."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from nicegui import core, ui
+from nicegui.functions.download import download
+from nicegui.functions.navigate import Navigate
+from nicegui.functions.notify import notify
+from nicegui.testing.general import nicegui_reset_globals, prepare_simulation
+from nicegui.testing.user import User
+
+from settings import Settings
+from tests.ui.fakes import FakeModel, FakeStore
+from ui.app import create_app
+from ui.inference import InferenceClient
+from ui.service import PredictionService
+
+
+@dataclass
+class Simulated:
+    """A simulated browser user on the app, and the fakes behind it."""
+
+    user: User
+    client: httpx.AsyncClient  # plain HTTP to the same app (the JSON API)
+    service: PredictionService
+    store: FakeStore
+    model: FakeModel
+
+
+@pytest.fixture
+async def sim(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Simulated]:
+    """Like nicegui.testing's `user` fixture, with the app built by `create_app` on in-memory fakes."""
+    store, model = FakeStore(), FakeModel()
+    inference = InferenceClient(
+        "http://model.test", management_url="http://model.test", transport=model.transport()
+    )
+    with nicegui_reset_globals():
+        os.environ["NICEGUI_USER_SIMULATION"] = "true"
+        try:
+            prepare_simulation()
+            service = create_app(Settings(), store=store, inference=inference)  # type: ignore[arg-type]
+            service.retry_interval_s = 0.05
+            ui.run(storage_secret="simulated secret")
+            async with core.app.router.lifespan_context(core.app):
+                transport = httpx.ASGITransport(core.app)
+                async with (
+                    httpx.AsyncClient(transport=transport, base_url="http://test") as user_client,
+                    httpx.AsyncClient(transport=transport, base_url="http://test") as api_client,
+                ):
+                    yield Simulated(User(user_client), api_client, service, store, model)
+        finally:
+            os.environ.pop("NICEGUI_USER_SIMULATION", None)
+            ui.navigate = Navigate()
+            ui.notify = notify
+            ui.download = download
+            await inference.close()
+    errors = [r for r in caplog.get_records("call") if r.levelname == "ERROR"]
+    assert not errors, f"unexpected ERROR logs: {[r.getMessage() for r in errors]}"

@@ -1,0 +1,120 @@
+"""Page logic through NiceGUI's simulated user, on in-memory fakes of the model server and database."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nicegui import ui
+
+from tests.ui.conftest import Simulated
+from tests.ui.fakes import digit_png
+from ui.canvas import DigitCanvas
+from ui.page import DB_DOWN, MODEL_DOWN
+from ui.views import png_data_url
+
+
+async def draw(sim: Simulated, png: bytes | None) -> DigitCanvas:
+    """Play the browser's `change` event of the canvas."""
+    canvas = next(iter(sim.user.find(DigitCanvas).elements))
+    await canvas.receive(png_data_url(png) if png else None, 1 if png else 0)
+    return canvas
+
+
+async def eventually(check, timeout: float = 3.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    assert check()
+
+
+async def test_predict_label_and_history(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await sim.user.should_see("Draw a digit and press Predict.")
+    await draw(sim, digit_png("zero"))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see("saved as #1")
+    await sim.user.should_see(marker="digit", content="0")
+    await sim.user.should_see("91.0 % sure")
+    assert sim.store.rows[1][0].digit == 0
+    sim.user.find(marker="label-6").click()
+    sim.user.find(marker="submit").click()
+    await sim.user.should_see("Saved: it was a 6 (the model was wrong).")
+    assert sim.store.rows[1][1] == 6
+    await sim.user.should_see("true 6")
+    await sim.user.should_see("predicted 0")
+
+
+async def test_empty_canvas_sends_nothing(sim: Simulated) -> None:
+    await sim.user.open("/")
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see("Draw a digit first.")
+    assert sim.model.calls == 0
+
+
+async def test_live_preview_is_not_stored(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await draw(sim, digit_png("one"))
+    await sim.user.should_see("live preview: press Predict to keep it")
+    await sim.user.should_see(marker="digit", content="1")
+    assert sim.store.rows == {}
+
+
+async def test_model_down_shows_banner_and_keeps_drawing(sim: Simulated) -> None:
+    await sim.user.open("/")
+    sim.model.down = True
+    canvas = await draw(sim, digit_png("one"))  # the live preview fails: 3 attempts
+    sim.user.find(marker="predict").click()
+    await eventually(lambda: sim.model.calls == 6)  # Predict tried 3 times too
+    await sim.user.should_see(MODEL_DOWN)
+    assert canvas.png is not None and sim.store.rows == {}
+    sim.model.down = False
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see("saved as #1", retries=20)
+    await sim.user.should_not_see(MODEL_DOWN)
+
+
+async def test_database_down_then_saved_with_label(sim: Simulated) -> None:
+    await sim.user.open("/")
+    sim.store.down = True
+    await draw(sim, digit_png("one"))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see(DB_DOWN)
+    await sim.user.should_see("not saved yet")
+    await sim.user.should_see(marker="digit", content="1")
+    sim.user.find(marker="label-7").click()
+    sim.user.find(marker="submit").click()
+    await sim.user.should_see("Label 7 kept; it is saved when the database is back.")
+    sim.store.down = False
+    await eventually(lambda: 1 in sim.store.rows and sim.store.rows[1][1] == 7)
+    await sim.user.should_see("saved as #1, true label 7", retries=30)
+    await sim.user.should_not_see(DB_DOWN)
+
+
+def press(sim: Simulated, key: str, code: str) -> None:
+    """A keydown as the browser's ui.keyboard sends it."""
+    args = {
+        "action": "keydown",
+        "repeat": False,
+        "key": key,
+        "code": code,
+        "location": 0,
+        "altKey": False,
+        "ctrlKey": False,
+        "metaKey": False,
+        "shiftKey": False,
+    }
+    sim.user.find(kind=ui.keyboard).trigger("key", args)
+
+
+async def test_keyboard_label_enter_and_escape(sim: Simulated) -> None:
+    await sim.user.open("/")
+    canvas = await draw(sim, digit_png("one"))
+    press(sim, "Enter", "Enter")  # predicts
+    await sim.user.should_see("saved as #1", retries=20)
+    press(sim, "4", "Digit4")
+    press(sim, "Enter", "Enter")  # submits
+    await eventually(lambda: sim.store.rows[1][1] == 4)
+    press(sim, "Escape", "Escape")
+    await eventually(lambda: canvas.png is None)
+    await sim.user.should_see("Draw a digit and press Predict.")

@@ -1,0 +1,92 @@
+"""Wiring: the page, the JSON API and the operations endpoints on NiceGUI's FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+
+from nicegui import app, ui
+
+from db.store import Store
+from settings import Settings
+
+from . import api, ops
+from .inference import InferenceClient
+from .page import DigitPage
+from .service import PredictionService
+
+log = logging.getLogger(__name__)
+
+TITLE = "Digit classifier"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    inference: InferenceClient | None = None,
+    database_url: str | None = None,
+) -> PredictionService:
+    """Register everything on NiceGUI's global app; call before `ui.run` (or a NiceGUI user simulation).
+
+    A `store` or `inference` passed in is used as it is and left open; when omitted, it is made
+    from the settings at startup (`database_url` overrides `settings.database_url`) and closed at
+    shutdown. Returns the shared service.
+    """
+    inference_owned = inference is None
+    if inference is None:
+        inference = InferenceClient(
+            settings.inference_url, settings.model_name, settings.management_url, settings.inference_timeout_s
+        )
+    service = PredictionService(store, inference, max_image_bytes=settings.max_upload_bytes)  # type: ignore[arg-type]
+    tasks: list[asyncio.Task[None]] = []
+
+    async def startup() -> None:
+        if service.store is None:
+            url = database_url or settings.database_url
+            if url is None:
+                raise RuntimeError("no database: set DATABASE_URL or start the app with `python -m ui`")
+            service.store = await Store.open(url, max_size=settings.db_pool_max)
+        tasks.append(asyncio.create_task(service.retry_forever(), name="store-retry"))
+
+    async def shutdown() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await service.flush()  # a last try to store what waits
+        if service.waiting:
+            log.error("%d predictions/labels could not be stored before shutdown", service.waiting)
+        if store is None and service.store is not None:
+            await service.store.close()
+        if inference_owned:
+            await service.inference.close()
+
+    app.on_startup(startup)
+    app.on_shutdown(shutdown)
+    app.include_router(api.build_router(service, settings.max_upload_bytes))
+    app.include_router(ops.build_router(service))
+
+    @ui.page("/", title=TITLE)
+    async def index() -> None:
+        await DigitPage(service).build()
+
+    return service
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM (blocks)."""
+    ui.run(
+        host=settings.ui_host,
+        port=settings.ui_port,
+        title=TITLE,
+        reload=False,
+        show=False,
+        show_welcome_message=False,
+        storage_secret=settings.storage_secret or secrets.token_urlsafe(32),
+        fastapi_docs={"title": TITLE, "summary": "Draw a digit, get the model's answer; label it."},
+        uvicorn_logging_level="warning",
+    )

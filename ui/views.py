@@ -1,0 +1,117 @@
+"""Pure helpers that turn predictions and statistics into what the page shows (no I/O, no NiceGUI)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+
+def pixels_data_url(pixels: Sequence[int] | bytes, side: int = 28) -> str:
+    """The model's 28x28 input (row-major 0-255) as a PNG data URL."""
+    img = Image.frombytes("L", (side, side), bytes(pixels))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return png_data_url(buf.getvalue())
+
+
+def png_data_url(png: bytes) -> str:
+    """PNG bytes as a data URL for an <img>."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def percent(value: float | None) -> str:
+    """0.934 -> '93.4 %'; None -> '–'."""
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def unsure_hint(probabilities: Sequence[float]) -> str | None:
+    """A sentence when the model is unsure (top under 60 % or the best two within 20 points), else None."""
+    ranked = sorted(range(10), key=lambda d: probabilities[d], reverse=True)
+    first, second = ranked[0], ranked[1]
+    top, runner_up = probabilities[first], probabilities[second]
+    if top < 0.6 or top - runner_up < 0.2:
+        return f"Not sure: it could also be a {second} ({percent(runner_up)})."
+    return None
+
+
+def probability_chart(probabilities: Sequence[float], digit: int) -> dict[str, Any]:
+    """ECharts options: ten bars, the predicted digit highlighted."""
+    return {
+        "animation": False,
+        "grid": {"left": 36, "right": 8, "top": 8, "bottom": 24},
+        "xAxis": {"type": "category", "data": [str(d) for d in range(10)]},
+        "yAxis": {"type": "value", "min": 0, "max": 1, "axisLabel": {"formatter": "{value}"}},
+        "tooltip": {"trigger": "axis"},
+        "series": [
+            {
+                "type": "bar",
+                "data": [
+                    {
+                        "value": round(float(p), 4),
+                        "itemStyle": {"color": "#1976d2" if d == digit else "#9e9e9e"},
+                    }
+                    for d, p in enumerate(probabilities)
+                ],
+            }
+        ],
+    }
+
+
+def confusion_chart(confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """ECharts heatmap of confusion[true][predicted], true labels down, predictions across."""
+    cells = [[pred, true, int(confusion[true][pred])] for true in range(10) for pred in range(10)]
+    peak = max((c[2] for c in cells), default=0)
+    digits = [str(d) for d in range(10)]
+    return {
+        "animation": False,
+        "tooltip": {"position": "top"},
+        "grid": {"left": 48, "right": 16, "top": 8, "bottom": 64},
+        "xAxis": {
+            "type": "category",
+            "data": digits,
+            "name": "predicted",
+            "nameLocation": "middle",
+            "nameGap": 24,
+        },
+        "yAxis": {
+            "type": "category",
+            "data": digits,
+            "name": "true",
+            "nameLocation": "middle",
+            "nameGap": 28,
+            "inverse": True,
+        },
+        "visualMap": {
+            "min": 0,
+            "max": max(peak, 1),
+            "calculable": False,
+            "orient": "horizontal",
+            "left": "center",
+            "bottom": 0,
+            "itemHeight": 120,
+            "inRange": {"color": ["#f5f9ff", "#1976d2", "#0d2c66"]},
+        },
+        "series": [{"type": "heatmap", "data": cells, "label": {"show": True}}],
+    }
+
+
+def per_digit_chart(accuracy: Sequence[float | None]) -> dict[str, Any]:
+    """ECharts bars of accuracy per true digit (empty bar where a digit has no label yet)."""
+    return {
+        "animation": False,
+        "grid": {"left": 36, "right": 8, "top": 8, "bottom": 24},
+        "xAxis": {"type": "category", "data": [str(d) for d in range(10)]},
+        "yAxis": {"type": "value", "min": 0, "max": 1},
+        "tooltip": {"trigger": "axis"},
+        "series": [
+            {
+                "type": "bar",
+                "data": [None if a is None else round(a, 4) for a in accuracy],
+                "itemStyle": {"color": "#43a047"},
+            }
+        ],
+    }
