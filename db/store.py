@@ -221,6 +221,9 @@ def _is_stale(conn: AsyncConnection[Any]) -> bool:
     if pgconn.status != ConnStatus.OK:
         return True
     try:
+        # A closing server sends an error, then EOF: the first read takes the message, the second
+        # sees the EOF. On a live idle connection both reads find nothing and return at once.
+        pgconn.consume_input()
         pgconn.consume_input()
     except psycopg.OperationalError:
         return True
@@ -281,9 +284,8 @@ class Store:
         """A pooled connection in a transaction; connection failures become DatabaseUnavailable."""
         try:
             conn = await self._pool.getconn()
-            if _is_stale(conn):
+            while _is_stale(conn):  # e.g. every idle connection after a server restart
                 await self._pool.putconn(conn)  # the pool drops it and opens a replacement
-                await self._pool.check()  # and drops the other idle ones the same restart broke
                 conn = await self._pool.getconn()
             try:
                 async with conn:  # commit on success, roll back on error

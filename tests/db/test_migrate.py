@@ -1,0 +1,203 @@
+"""Migrations against a real PostgreSQL, and the schema's constraints enforced by the server itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from db.migrate import MigrationError, load_migrations, migrate, pending
+from tests.db.samples import drawing_png
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(directory: Path, files: dict[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+# -- pure ------------------------------------------------------------------------------------------
+def test_load_migrations_in_version_order(tmp_path: Path) -> None:
+    _write(tmp_path, {"0002_b.sql": "SELECT 2;", "0001_a.sql": "SELECT 1;", "notes.txt": "ignored"})
+    assert [m.filename for m in load_migrations(tmp_path)] == ["0001_a.sql", "0002_b.sql"]
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"1_a.sql": ""}, "NNNN_lowercase_name"),
+        ({"0001_Add-Table.sql": ""}, "NNNN_lowercase_name"),
+        ({"0001_a.sql": "", "0001_b.sql": ""}, "two migrations have version 1"),
+    ],
+)
+def test_load_migrations_rejects_bad_files(tmp_path: Path, files: dict[str, str], message: str) -> None:
+    _write(tmp_path, files)
+    with pytest.raises(MigrationError, match=message):
+        load_migrations(tmp_path)
+
+
+def test_pending_detects_changed_and_unknown(tmp_path: Path) -> None:
+    migrations = load_migrations(_write(tmp_path, {"0001_a.sql": "SELECT 1;", "0002_b.sql": "SELECT 2;"}))
+    first = migrations[0]
+    assert pending(migrations, {1: ("a", first.checksum)}) == migrations[1:]
+    with pytest.raises(MigrationError, match=r"0001_a\.sql was changed"):
+        pending(migrations, {1: ("a", "0" * 64)})
+    with pytest.raises(MigrationError, match="0007_gone"):
+        pending(migrations, {7: ("gone", "0" * 64)})
+
+
+# -- against the server ------------------------------------------------------------------------------
+def test_migrate_from_empty_then_idempotent(empty_db_url: str) -> None:
+    names = [m.filename for m in load_migrations()]
+    assert migrate(empty_db_url) == names
+    assert migrate(empty_db_url) == []
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute("SELECT version, name, checksum, applied_at FROM schema_migrations").fetchall()
+        assert [f"{v:04d}_{n}.sql" for v, n, _, _ in rows] == names
+        assert all(len(checksum) == 64 and applied for _, _, checksum, applied in rows)
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
+
+
+def test_two_concurrent_runs_apply_each_file_once(empty_db_url: str, tmp_path: Path) -> None:
+    # A slow first migration keeps the lock long enough for the second run to really wait on it.
+    directory = _write(
+        tmp_path,
+        {
+            "0001_slow.sql": "SELECT pg_sleep(0.5); CREATE TABLE t (id int);",
+            "0002_more.sql": "ALTER TABLE t ADD COLUMN x int;",
+        },
+    )
+    barrier = threading.Barrier(2)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            results.append(migrate(empty_db_url, directory))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert sorted(results, key=len) == [[], ["0001_slow.sql", "0002_more.sql"]]
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
+
+
+def test_changed_migration_is_an_error(empty_db_url: str, tmp_path: Path) -> None:
+    directory = _write(tmp_path, {"0001_a.sql": "CREATE TABLE a (id int);"})
+    assert migrate(empty_db_url, directory) == ["0001_a.sql"]
+    _write(directory, {"0001_a.sql": "CREATE TABLE a (id bigint);", "0002_b.sql": "CREATE TABLE b ();"})
+    with pytest.raises(MigrationError, match=r"0001_a\.sql was changed after it was applied"):
+        migrate(empty_db_url, directory)
+    with psycopg.connect(empty_db_url) as conn:  # nothing else was applied
+        assert conn.execute("SELECT to_regclass('b')").fetchone() == (None,)
+
+
+def test_failing_migration_rolls_back_and_is_not_recorded(empty_db_url: str, tmp_path: Path) -> None:
+    directory = _write(
+        tmp_path, {"0001_a.sql": "CREATE TABLE a (id int);", "0002_bad.sql": "CREATE TABLE b (); SELECT 1/0;"}
+    )
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        migrate(empty_db_url, directory)
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+        assert conn.execute("SELECT to_regclass('b')").fetchone() == (None,)
+    (directory / "0002_bad.sql").write_text("CREATE TABLE b ();")
+    assert migrate(empty_db_url, directory) == ["0002_bad.sql"]
+
+
+def test_command_line(empty_db_url: str, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "db.migrate", "--url", empty_db_url]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "applied: 0001_predictions.sql" in first.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "nothing to apply" in again.stdout
+
+
+def test_command_line_reports_a_changed_migration(empty_db_url: str) -> None:
+    migrate(empty_db_url)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET checksum = repeat('0', 64) WHERE version = 1")
+    result = subprocess.run(
+        [sys.executable, "-m", "db.migrate", "--url", empty_db_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "0001_predictions.sql was changed after it was applied" in result.stderr
+
+
+# -- the schema enforces its rules even for SQL that skips the Store's checks ---------------------------
+INSERT = """
+INSERT INTO predictions
+    (digit, confidence, probabilities, model_name, model_version, latency_ms, image_png, input_pixels)
+VALUES (%(digit)s, %(confidence)s, %(probabilities)s, 'mnist', '1.0', 1.0, %(png)s, %(pixels)s)
+"""
+
+
+def _valid() -> dict:
+    return {
+        "digit": 3,
+        "confidence": 0.9,
+        "probabilities": [0.1] * 10,
+        "png": drawing_png(),
+        "pixels": bytes(784),
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "constraint"),
+    [
+        ({"digit": 10}, "predictions_digit_range"),
+        ({"confidence": 1.5}, "predictions_confidence_range"),
+        ({"probabilities": [0.1] * 9}, "predictions_probabilities_shape"),
+        ({"probabilities": [0.1] * 9 + [None]}, "predictions_probabilities_shape"),
+        ({"probabilities": [0.1] * 9 + [-0.5]}, "predictions_probabilities_shape"),
+        ({"png": b"not a png"}, "predictions_image_png_valid"),
+        ({"png": b"\x89PNG\r\n\x1a\n" + bytes(2_000_000)}, "predictions_image_png_valid"),
+        ({"pixels": bytes(100)}, "predictions_input_pixels_size"),
+    ],
+)
+def test_schema_rejects(db_url: str, changes: dict, constraint: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        conn.execute(INSERT, _valid())  # the valid row is accepted
+        with pytest.raises(psycopg.errors.CheckViolation) as info:
+            conn.execute(INSERT, {**_valid(), **changes})
+        assert info.value.diag.constraint_name == constraint
+
+
+def test_schema_label_rules(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        (pid,) = conn.execute(INSERT + " RETURNING id", _valid()).fetchone()
+        with pytest.raises(psycopg.errors.CheckViolation, match="predictions_true_label_range"):
+            conn.execute("UPDATE predictions SET true_label = 10, labelled_at = now() WHERE id = %s", (pid,))
+        with pytest.raises(psycopg.errors.CheckViolation, match="predictions_label_time"):
+            conn.execute("UPDATE predictions SET true_label = 4 WHERE id = %s", (pid,))
+
+
+def test_stats_query_is_an_index_only_scan(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be scanned directly
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                "EXPLAIN SELECT model_version, true_label, digit, count(*) FROM predictions GROUP BY 1, 2, 3"
+            )
+        )
+        assert "Index Only Scan using predictions_stats_idx" in plan

@@ -1,0 +1,263 @@
+"""The Store against a real PostgreSQL: writes, labels, history, statistics, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import psycopg
+import pytest
+
+from db.store import (
+    DatabaseUnavailable,
+    InvalidLabel,
+    InvalidPrediction,
+    PredictionNotFound,
+    Store,
+    compute_stats,
+    validate_prediction,
+)
+from tests.db.samples import drawing_png, prediction
+
+INJECTION = "'); DROP TABLE predictions;--"
+
+
+# -- pure validation -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"digit": 10}, "digit"),
+        ({"digit": -1}, "digit"),
+        ({"digit": True}, "digit"),
+        ({"confidence": 1.5}, "confidence"),
+        ({"confidence": math.nan}, "confidence"),
+        ({"probabilities": [0.1] * 9}, "10 values"),
+        ({"probabilities": [0.1] * 9 + [1.2]}, "probabilities"),
+        ({"model_version": ""}, "model_version"),
+        ({"model_name": "a\x00b"}, "model_name"),
+        ({"latency_ms": -1.0}, "latency_ms"),
+        ({"image_png": b"GIF89a..."}, "PNG"),
+        ({"image_png": b"\x89PNG\r\n\x1a\n" + bytes(2_000_000)}, "at most"),
+        ({"input_pixels": bytes(783)}, "784"),
+    ],
+)
+def test_validate_prediction_rejects(changes: dict, message: str) -> None:
+    with pytest.raises(InvalidPrediction, match=message):
+        validate_prediction(prediction(**changes))
+
+
+def test_validate_prediction_accepts_a_valid_one() -> None:
+    validate_prediction(prediction())
+
+
+def test_compute_stats_by_hand() -> None:
+    groups = [
+        ("1.0", None, 3, 5),  # 5 unlabelled 3s
+        ("1.0", 3, 3, 2),  # 2 correct 3s
+        ("1.0", 8, 3, 1),  # an 8 taken for a 3
+        ("2.0", 8, 8, 4),  # 4 correct 8s
+        ("2.0", 1, 7, 2),  # two 1s taken for 7s
+    ]
+    stats = compute_stats(groups)
+    assert (stats.total, stats.labelled, stats.correct) == (14, 9, 6)
+    assert stats.accuracy == pytest.approx(6 / 9)
+    assert stats.confusion[8][3] == 1 and stats.confusion[8][8] == 4 and stats.confusion[1][7] == 2
+    assert sum(map(sum, stats.confusion)) == 9
+    eight = stats.per_digit[8]
+    assert (eight.predicted, eight.labelled, eight.correct) == (4, 5, 4)
+    assert eight.accuracy == pytest.approx(0.8)
+    assert stats.per_digit[3].predicted == 8 and stats.per_digit[3].accuracy == 1.0
+    assert stats.per_digit[0].accuracy is None
+    assert sorted(stats.by_version) == ["1.0", "2.0"]
+    v1, v2 = stats.by_version["1.0"], stats.by_version["2.0"]
+    assert (v1.total, v1.labelled, v1.correct) == (8, 3, 2)
+    assert (v2.total, v2.labelled, v2.correct) == (6, 6, 4)
+    assert v2.by_version == {}
+    assert stats.to_dict()["by_version"]["2.0"]["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_compute_stats_empty() -> None:
+    stats = compute_stats([])
+    assert (stats.total, stats.labelled, stats.accuracy, stats.by_version) == (0, 0, None, {})
+    assert stats.confusion == [[0] * 10 for _ in range(10)]
+
+
+# -- against the server ------------------------------------------------------------------------------
+async def test_record_and_read_back(store: Store) -> None:
+    p = prediction(digit=7, seed=5, confidence=0.875, latency_ms=12.25)
+    pid = await store.record_prediction(p)
+    row = await store.get(pid)
+    assert (row.id, row.digit, row.confidence, row.latency_ms) == (pid, 7, 0.875, 12.25)
+    assert row.probabilities == pytest.approx(list(p.probabilities))
+    assert (row.model_name, row.model_version) == ("mnist", "1.0")
+    assert row.true_label is None and row.labelled_at is None and row.correct is None
+    assert row.created_at.utcoffset().total_seconds() == 0
+    assert await store.image_png(pid) == drawing_png(5)
+
+
+async def test_hostile_strings_stored_verbatim(store: Store, db_url: str) -> None:
+    pid = await store.record_prediction(prediction(model_version=INJECTION, model_name="mnist'; --"))
+    row = await store.get(pid)
+    assert row.model_version == INJECTION and row.model_name == "mnist'; --"
+    stats = await store.stats()
+    assert INJECTION in stats.by_version
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (1,)
+
+
+async def test_set_and_replace_label(store: Store) -> None:
+    pid = await store.record_prediction(prediction(digit=3))
+    await store.set_label(pid, 8)
+    first = await store.get(pid)
+    assert first.true_label == 8 and first.correct is False and first.labelled_at is not None
+    await store.set_label(pid, 3)
+    second = await store.get(pid)
+    assert second.true_label == 3 and second.correct is True
+    assert second.labelled_at >= first.labelled_at
+
+
+@pytest.mark.parametrize("label", [10, -1, "3", 3.0, None, True])
+async def test_invalid_label_rejected(store: Store, label: object) -> None:
+    pid = await store.record_prediction(prediction())
+    with pytest.raises(InvalidLabel):
+        await store.set_label(pid, label)  # type: ignore[arg-type]
+    assert (await store.get(pid)).true_label is None
+
+
+async def test_unknown_id_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(PredictionNotFound, match="12345"):
+        await store.set_label(12345, 4)
+    with pytest.raises(PredictionNotFound):
+        await store.image_png(12345)
+    with pytest.raises(PredictionNotFound):
+        await store.get(12345)
+
+
+async def test_invalid_prediction_saves_nothing(store: Store) -> None:
+    for changes in ({"digit": 10}, {"confidence": 1.5}, {"probabilities": [0.1] * 9}):
+        with pytest.raises(InvalidPrediction):
+            await store.record_prediction(prediction(**changes))
+    assert await store.recent() == []
+    assert await store.record_prediction(prediction()) > 0  # and the store keeps working
+
+
+async def test_keyset_pagination(store: Store) -> None:
+    ids = [await store.record_prediction(prediction(digit=i % 10, seed=i)) for i in range(25)]
+    pages, before = [], None
+    while page := await store.recent(limit=10, before_id=before):
+        pages.append([r.id for r in page])
+        before = page[-1].id
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert [i for p in pages for i in p] == ids[::-1]
+    # a row added meanwhile does not shift the later pages
+    await store.record_prediction(prediction())
+    assert [r.id for r in await store.recent(limit=10, before_id=pages[0][-1])] == pages[1]
+    with pytest.raises(ValueError, match="limit"):
+        await store.recent(limit=0)
+
+
+async def test_stats_match_a_hand_computed_set(store: Store) -> None:
+    # (model_version, predicted digit, true label or None)
+    rows = [
+        ("1.0", 3, 3),
+        ("1.0", 3, 8),
+        ("1.0", 5, None),
+        ("1.0", 1, 1),
+        ("2.0", 8, 8),
+        ("2.0", 7, 1),
+        ("2.0", 7, 7),
+    ]
+    for version, digit, label in rows:
+        pid = await store.record_prediction(prediction(digit=digit, model_version=version))
+        if label is not None:
+            await store.set_label(pid, label)
+    stats = await store.stats()
+    assert (stats.total, stats.labelled, stats.correct) == (7, 6, 4)
+    assert stats.accuracy == pytest.approx(4 / 6)
+    expected = [[0] * 10 for _ in range(10)]
+    for _, digit, label in rows:
+        if label is not None:
+            expected[label][digit] += 1
+    assert stats.confusion == expected
+    one = stats.per_digit[1]
+    assert (one.predicted, one.labelled, one.correct, one.accuracy) == (1, 2, 1, 0.5)
+    assert stats.per_digit[7].predicted == 2 and stats.per_digit[7].accuracy == 1.0
+    assert stats.by_version["1.0"].accuracy == pytest.approx(2 / 3)
+    assert stats.by_version["2.0"].accuracy == pytest.approx(2 / 3)
+    assert stats.by_version["1.0"].total == 4 and stats.by_version["1.0"].labelled == 3
+
+
+async def test_concurrent_writes(store: Store) -> None:
+    ids = await asyncio.gather(*(store.record_prediction(prediction(seed=i)) for i in range(40)))
+    assert len(set(ids)) == 40
+    assert (await store.stats()).total == 40
+
+
+@pytest.mark.slow
+async def test_rows_survive_a_server_restart(postgres, db_url: str) -> None:
+    store = await Store.open(db_url)
+    try:
+        ids = [await store.record_prediction(prediction(seed=i)) for i in range(5)]
+        await store.set_label(ids[0], 3)
+        postgres.restart()
+        rows = await store.recent(limit=10)  # stale connections are replaced transparently
+        assert [r.id for r in rows] == ids[::-1]
+        assert rows[-1].true_label == 3
+        assert await store.image_png(ids[2]) == drawing_png(2)
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_database_down_then_back(postgres, db_url: str) -> None:
+    store = await Store.open(db_url, timeout=2.0)
+    try:
+        before = await store.record_prediction(prediction())
+        postgres.stop()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="database unavailable"):
+                await store.record_prediction(prediction())
+            with pytest.raises(DatabaseUnavailable):
+                await store.stats()
+            with pytest.raises(DatabaseUnavailable):
+                await store.recent()
+            assert time.monotonic() - t0 < 10  # fails fast, never hangs
+            assert await store.ping() is False
+        finally:
+            postgres.start()
+        after = await _eventually(store.record_prediction, prediction(seed=1))
+        assert after > before
+        assert await store.ping() is True
+        assert [r.id for r in await store.recent()] == [after, before]
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_open_while_down_then_works(postgres, db_url: str) -> None:
+    postgres.stop()
+    try:
+        store = await Store.open(db_url, timeout=1.0)  # does not fail
+        with pytest.raises(DatabaseUnavailable):
+            await store.stats()
+    finally:
+        postgres.start()
+    try:
+        stats = await _eventually(store.stats)
+        assert stats.total == 0
+    finally:
+        await store.close()
+
+
+async def _eventually(fn, *args, seconds: float = 15.0):
+    """Retry `fn` while it raises DatabaseUnavailable, like the UI does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await fn(*args)
+        except DatabaseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
