@@ -1,0 +1,227 @@
+"""The handler: in-process on the unpacked archive (batches), and through a real TorchServe."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import json
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers.preprocess import preprocess
+from tests.handlers.renditions import RENDITIONS, png, read_mnist_test, render
+
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = {"digit", "confidence", "probabilities", "input", "model_version"}
+
+
+def manifest_version(mar: Path) -> str:
+    with zipfile.ZipFile(mar) as z:
+        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
+
+
+def check_prediction(body: dict, version: str) -> None:
+    assert set(body) == FIELDS
+    probs = body["probabilities"]
+    assert len(probs) == 10 and all(0.0 <= p <= 1.0 for p in probs)
+    assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+    assert body["digit"] == int(np.argmax(probs))
+    assert body["confidence"] == pytest.approx(max(probs))
+    assert len(body["input"]) == 784 and all(isinstance(v, int) and 0 <= v <= 255 for v in body["input"])
+    assert body["model_version"] == version
+
+
+def classify(url: str, payloads: list[bytes], workers: int = 8) -> list[httpx.Response]:
+    """POST every payload as raw image bytes, `workers` at a time."""
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(workers) as pool:
+        return list(
+            pool.map(lambda p: client.post(url, content=p, headers={"Content-Type": "image/png"}), payloads)
+        )
+
+
+@pytest.fixture(scope="module")
+def sample(mnist_dir):
+    return read_mnist_test(mnist_dir, 600)
+
+
+# --- in-process: the archive's own files, a real ts.context.Context, a mixed batch ----------------
+
+
+@pytest.fixture(scope="module")
+def unpacked_handler(tmp_path_factory, torchserve):
+    """MnistHandler imported from the unpacked .mar (flat layout, as a TorchServe worker sees it)."""
+    from ts.context import Context
+
+    model_dir = tmp_path_factory.mktemp("mar")
+    with zipfile.ZipFile(torchserve.model_store / "mnist.mar") as z:
+        z.extractall(model_dir)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    sys.path.insert(0, str(model_dir))
+    try:
+        module = importlib.import_module(Path(manifest["model"]["handler"]).stem)
+        handler = module.MnistHandler()
+        context = Context("mnist", str(model_dir), manifest, 8, None, "0.12.0", model_yaml_config={})
+        handler.initialize(context)
+        yield handler, context, manifest
+    finally:
+        sys.path.remove(str(model_dir))
+        for name in ("mnist_handler", "preprocess", "model"):
+            sys.modules.pop(name, None)
+
+
+def test_archive_ships_this_handler_and_preprocessing(torchserve):
+    with zipfile.ZipFile(torchserve.model_store / "mnist.mar") as z:
+        names = set(z.namelist())
+        assert z.read("mnist_handler.py") == (ROOT / "handlers" / "mnist_handler.py").read_bytes()
+        assert z.read("preprocess.py") == (ROOT / "handlers" / "preprocess.py").read_bytes()
+    assert "model.py" in names
+
+
+def test_a_mixed_batch_answers_each_request_on_its_own(unpacked_handler, sample):
+    from ts.context import RequestProcessor
+
+    handler, context, manifest = unpacked_handler
+    images, labels = sample
+    requests = [
+        ({"body": png(Image.fromarray(images[0]))}, "image/png"),
+        ({"body": b"not an image"}, "application/octet-stream"),
+        ({"body": png(Image.new("L", (280, 280)))}, "image/png"),
+        ({"body": b"{broken"}, "application/json"),
+        ({"body": {"data": base64.b64encode(png(Image.fromarray(images[1]))).decode()}}, "application/json"),
+        ({"body": b""}, "image/png"),
+    ]
+    context.request_processor = [RequestProcessor({"body": {"content-type": ct}}) for _, ct in requests]
+    answers = handler.handle([r for r, _ in requests], context)
+
+    statuses = [context.get_response_status(i)[0] for i in range(len(requests))]
+    assert statuses == [200, 415, 422, 400, 200, 400]
+    bodies = [json.loads(a) for a in answers]
+    for i in (0, 4):
+        check_prediction(bodies[i], manifest["model"]["modelVersion"])
+    assert [bodies[0]["digit"], bodies[4]["digit"]] == labels[:2].tolist()
+    for i in (1, 2, 3, 5):
+        assert bodies[i]["code"] == statuses[i] and bodies[i]["message"]
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(len(requests)))
+
+
+# --- through TorchServe -----------------------------------------------------------------------
+
+
+def test_prediction_has_every_field(torchserve, sample):
+    images, labels = sample
+    version = manifest_version(torchserve.model_store / "mnist.mar")
+    response = httpx.post(torchserve.predictions_url(), content=png(Image.fromarray(images[0])), timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    check_prediction(body, version)
+    assert body["digit"] == labels[0]
+    seen = np.array(body["input"], dtype=np.uint8).reshape(28, 28)
+    assert np.array_equal(seen, preprocess(png(Image.fromarray(images[0]))))
+
+
+def test_json_base64_and_data_url_are_accepted(torchserve, sample):
+    images, labels = sample
+    encoded = base64.b64encode(png(Image.fromarray(images[1]))).decode()
+    for data in (encoded, f"data:image/png;base64,{encoded}"):
+        response = httpx.post(torchserve.predictions_url(), json={"data": data}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["digit"] == labels[1]
+
+
+def test_accuracy_on_official_test_images(torchserve, sample):
+    images, labels = sample
+    responses = classify(torchserve.predictions_url(), [png(Image.fromarray(i)) for i in images])
+    assert all(r.status_code == 200 for r in responses)
+    predicted = np.array([r.json()["digit"] for r in responses])
+    accuracy = float((predicted == labels).mean())
+    assert accuracy >= 0.99, f"accuracy {accuracy:.4f} on {len(labels)} official test images"
+
+
+def test_accuracy_on_canvas_renditions(torchserve, sample):
+    images, labels = sample
+    count = 120
+    names = sorted(RENDITIONS)
+    payloads = [render(image, name) for name in names for image in images[:count]]
+    responses = classify(torchserve.predictions_url(), payloads)
+    assert all(r.status_code == 200 for r in responses)
+    predicted = np.array([r.json()["digit"] for r in responses]).reshape(len(names), count)
+    per_name = {
+        name: float((row == labels[:count]).mean()) for name, row in zip(names, predicted, strict=True)
+    }
+    overall = float(np.mean(list(per_name.values())))
+    assert overall >= 0.98 and min(per_name.values()) >= 0.95, per_name
+
+
+# --- bad input: a 4xx with a JSON message, never a 5xx, and the worker keeps serving ------------
+
+
+def bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_INPUTS = {
+    "not_an_image": (b"hello, I am not a picture", "application/octet-stream", 415),
+    "truncated_png": (png(Image.effect_noise((120, 120), 50))[:300], "image/png", 415),
+    "empty_body": (b"", "image/png", 400),
+    "empty_json": (b"", "application/json", 400),
+    "invalid_json": (b'{"data": ', "application/json", 400),
+    "json_without_data": (b'{"image": "x"}', "application/json", 400),
+    "invalid_base64": (b'{"data": "%%%%"}', "application/json", 400),
+    "base64_of_garbage": (b'{"data": "aGVsbG8="}', "application/json", 415),
+    "blank_canvas": (png(Image.new("L", (280, 280))), "image/png", 422),
+    "blank_transparent_canvas": (png(Image.new("RGBA", (280, 280), (0, 0, 0, 0))), "image/png", 422),
+    "too_many_pixels": (bomb(), "image/png", 413),
+    "body_over_limit": (b"\x89PNG\r\n\x1a\n" + bytes(2_100_000), "image/png", 413),
+}
+
+
+def worker_pids(torchserve) -> list[int]:
+    response = httpx.get(f"{torchserve.management_url}/models/{torchserve.model_name}", timeout=10)
+    return sorted(w["pid"] for v in response.json() for w in v["workers"])
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_gets_a_4xx_and_the_next_request_works(torchserve, sample, name):
+    body, content_type, status = BAD_INPUTS[name]
+    before = worker_pids(torchserve)
+    response = httpx.post(
+        torchserve.predictions_url(), content=body, headers={"Content-Type": content_type}, timeout=30
+    )
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["code"] == status and error["message"]
+    images, labels = sample
+    good = httpx.post(torchserve.predictions_url(), content=png(Image.fromarray(images[2])), timeout=30)
+    assert good.status_code == 200 and good.json()["digit"] == labels[2]
+    assert worker_pids(torchserve) == before
+
+
+def test_body_over_the_frontend_limit_is_413(torchserve):
+    """Bodies over TorchServe's max_request_size (8 MiB) never reach a worker: a bare 413."""
+    response = httpx.post(torchserve.predictions_url(), content=bytes(9_000_000), timeout=30)
+    assert response.status_code == 413
+
+
+def test_concurrent_mixed_traffic_never_gets_a_5xx(torchserve, sample):
+    images, labels = sample
+    good = [png(Image.fromarray(i)) for i in images[:40]]
+    bad = [
+        BAD_INPUTS[name][0] for name in ("not_an_image", "blank_canvas", "truncated_png", "empty_body")
+    ] * 10
+    mixed = [p for pair in zip(good, bad, strict=True) for p in pair]
+    responses = classify(torchserve.predictions_url(), mixed, workers=16)
+    statuses = [r.status_code for r in responses]
+    assert all(s < 500 for s in statuses), statuses
+    assert [r.json()["digit"] for r in responses[::2]] == labels[:40].tolist()
+    assert all(400 <= s < 500 for s in statuses[1::2])

@@ -1,0 +1,229 @@
+"""TorchServe's lifecycle (start, readiness, stop with nothing left behind) and its three APIs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from serving.torchserve import ServeConfig, ServeError, busy_ports, environment, read_pid, start
+from tests.fixtures.torchserve import free_ports, session_config
+from tests.handlers.renditions import png, read_mnist_test
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def digit(mnist_dir):
+    images, labels = read_mnist_test(mnist_dir, 1)
+    return png(Image.fromarray(images[0])), int(labels[0])
+
+
+def describe(torchserve, version: str | None = None) -> list[dict]:
+    url = f"{torchserve.management_url}/models/{torchserve.model_name}" + (f"/{version}" if version else "")
+    response = httpx.get(url, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_config_properties_binds_loopback_with_prometheus_metrics():
+    props = dict(
+        line.split("=", 1)
+        for line in (ROOT / "config.properties").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert props["inference_address"] == "http://127.0.0.1:8080"
+    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert props["metrics_address"] == "http://127.0.0.1:8082"
+    assert props["metrics_mode"] == "prometheus"
+    assert props["load_models"] == "mnist=mnist.mar"
+    assert props["disable_token_authorization"] == "true"
+
+
+def test_environment_sets_java_temp_logs_ports_and_threads(tmp_path):
+    config = ServeConfig(
+        model_store=tmp_path, run_dir=tmp_path / "run", inference_url="http://127.0.0.1:9999"
+    )
+    env = environment(config)
+    assert Path(env["JAVA_HOME"], "bin", "java").exists()
+    assert env["TEMP"] == env["TMPDIR"] == str(tmp_path / "run" / "tmp")
+    assert env["LOG_LOCATION"] == str(tmp_path / "run" / "logs")
+    assert env["TS_INFERENCE_ADDRESS"] == "http://127.0.0.1:9999"
+    assert env["OMP_NUM_THREADS"] == os.environ.get("OMP_NUM_THREADS", "1")
+
+
+# --- lifecycle --------------------------------------------------------------------------------
+
+
+def test_start_fails_clearly_when_a_port_is_taken(tmp_path):
+    config = session_config(tmp_path)
+    host, port = config.addresses()["management"]
+    with socket.socket() as sock:
+        sock.bind((host, port))
+        sock.listen()
+        assert busy_ports(config) == [f"management {host}:{port}"]
+        with pytest.raises(ServeError, match=f"port already in use: management {host}:{port}"):
+            start(config, timeout=5)
+    assert read_pid(config) is None
+
+
+def test_start_fails_clearly_without_the_model_archive(tmp_path):
+    config = ServeConfig(model_store=tmp_path, run_dir=tmp_path / "run")
+    with pytest.raises(ServeError, match=r"mnist\.mar not found"):
+        start(config, timeout=5)
+
+
+def run_cli(action: str, config: ServeConfig) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "MODEL_STORE": str(config.model_store),
+        "RUN_DIR": str(config.run_dir.parent),
+        "INFERENCE_URL": config.inference_url,
+        "MANAGEMENT_URL": config.management_url,
+        "METRICS_URL": config.metrics_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "serving", action],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+@pytest.mark.slow
+def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
+    """`python -m serving start` (make serve) returns once predictions work; stop ends every process."""
+    config = session_config(tmp_path)
+    config = dataclasses.replace(config, run_dir=tmp_path / "run" / "torchserve")
+    started = run_cli("start", config)
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = read_pid(config)
+    assert pid is not None
+    family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    names = " ".join(" ".join(p.cmdline()) for p in family)
+    assert "java" in names and "model_service_worker" in names
+    try:
+        response = httpx.post(f"{config.inference_url}/predictions/mnist", content=digit[0], timeout=30)
+        assert response.status_code == 200 and response.json()["digit"] == digit[1]
+        status = run_cli("status", config)
+        assert status.returncode == 0 and json.loads(status.stdout)["models"][0]["workers"] == ["READY"]
+        again = run_cli("start", config)
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        stopped = run_cli("stop", config)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert busy_ports(config) == []
+    assert run_cli("status", config).returncode == 3
+    logs = config.run_dir / "logs"
+    assert (logs / "ts_log.log").is_file() and (logs / "model_log.log").is_file()
+
+
+# --- management API -------------------------------------------------------------------------
+
+
+def test_describe_shows_the_tuned_model(torchserve):
+    (model,) = describe(torchserve)
+    assert model["modelName"] == "mnist"
+    assert model["batchSize"] == 8 and model["maxBatchDelay"] == 5
+    assert [w["status"] for w in model["workers"]] == ["READY"]
+
+
+def test_scale_workers_up_and_down(torchserve, digit):
+    url = f"{torchserve.management_url}/models/{torchserve.model_name}"
+    try:
+        response = httpx.put(
+            url, params={"min_worker": 2, "max_worker": 2, "synchronous": "true"}, timeout=120
+        )
+        assert response.status_code == 200, response.text
+        workers = describe(torchserve)[0]["workers"]
+        assert len(workers) == 2 and all(w["status"] == "READY" for w in workers)
+        answers = [httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30) for _ in range(4)]
+        assert all(a.status_code == 200 and a.json()["digit"] == digit[1] for a in answers)
+    finally:
+        response = httpx.put(
+            url, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120
+        )
+    assert response.status_code == 200, response.text
+    assert len(describe(torchserve)[0]["workers"]) == 1
+
+
+def build_version(torchserve, version: str) -> str:
+    """A copy of mnist.mar with another version number, in the session's model store."""
+    src = torchserve.model_store / "mnist.mar"
+    name = f"mnist-v{version}.mar"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(torchserve.model_store / name, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            zout.writestr(info, data)
+    return name
+
+
+def test_register_a_second_version_and_call_it_by_version(torchserve, digit):
+    mar = build_version(torchserve, "2.0-test")
+    models = f"{torchserve.management_url}/models"
+    response = httpx.post(
+        models, params={"url": mar, "initial_workers": 1, "synchronous": "true"}, timeout=180
+    )
+    assert response.status_code == 200, response.text
+    try:
+        versions = {m["modelVersion"] for m in describe(torchserve, "all")}
+        default = describe(torchserve)[0]["modelVersion"]
+        assert versions == {default, "2.0-test"}
+        by_version = httpx.post(torchserve.predictions_url("2.0-test"), content=digit[0], timeout=30)
+        assert by_version.status_code == 200, by_version.text
+        assert by_version.json()["model_version"] == "2.0-test" and by_version.json()["digit"] == digit[1]
+        plain = httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30)
+        assert plain.json()["model_version"] == default  # the default version is unchanged
+    finally:
+        deleted = httpx.delete(f"{models}/{torchserve.model_name}/2.0-test", timeout=120)
+    assert deleted.status_code == 200, deleted.text
+    assert {m["modelVersion"] for m in describe(torchserve, "all")} == {default}
+
+
+# --- metrics API ----------------------------------------------------------------------------
+
+
+def inference_requests_total(torchserve) -> float:
+    response = httpx.get(f"{torchserve.metrics_url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    values = re.findall(
+        r'^ts_inference_requests_total\{model_name="mnist",[^}]*\} ([0-9.eE+]+)$', response.text, re.MULTILINE
+    )
+    assert values, response.text[:2000]
+    return sum(float(v) for v in values)
+
+
+def test_metrics_are_prometheus_text_and_count_requests(torchserve, digit):
+    text = httpx.get(f"{torchserve.metrics_url}/metrics", timeout=10).text
+    assert "# TYPE ts_inference_requests_total counter" in text
+    before = inference_requests_total(torchserve)
+    for _ in range(3):
+        assert httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30).status_code == 200
+    assert inference_requests_total(torchserve) >= before + 3
+
+
+def test_free_ports_are_distinct():
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
