@@ -1,0 +1,52 @@
+"""Training end to end: a --dry-run that ends in a valid archive, and a short real training."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import data, export, train
+from training.data import FILES
+
+
+def test_dry_run_end_to_end_produces_an_archive(mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    with pytest.warns(data.ChecksumMismatchWarning):
+        assert train.main(["--dry-run", "--data-dir", str(mnist_dir), "--output-dir", str(out)]) == 0
+    for name in ("mnist.pt", "mnist.json", "MODEL_CARD.md", "evaluation.json", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    assert export.main(["--weights", str(out / "mnist.pt")]) == 0
+
+    mar = out / "mnist.mar"
+    with zipfile.ZipFile(mar) as z:
+        assert z.testzip() is None
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        names = set(z.namelist())
+    assert manifest["model"] == {
+        "modelName": "mnist",
+        "serializedFile": "mnist.pt",
+        "handler": "mnist_handler.py",
+        "modelFile": "model.py",
+        "modelVersion": export.VERSION,
+    }
+    assert {"mnist.pt", "model.py", "mnist_handler.py", "preprocess.py"} <= names
+    model_card = json.loads((out / "mnist.json").read_text())
+    assert model_card["archive"]["sha256"] == data.sha256_of(mar)
+    assert model_card["training"]["dry_run"] is True
+    assert model_card["data"][FILES["train_images"].name]["official"] is False
+    assert model_card["data"][FILES["test_images"].name]["official"] is True
+
+
+@pytest.mark.slow
+def test_short_training_clearly_learns(mnist_dir: Path) -> None:
+    images = data.read_idx(mnist_dir / FILES["train_images"].name, FILES["train_images"])
+    labels = data.read_idx(mnist_dir / FILES["train_labels"].name, FILES["train_labels"])
+    cfg = train.TrainConfig(epochs=3, batch_size=64, max_lr=0.05, limit=4000, holdout=1000, seed=1)
+    result = train.train(images, labels, cfg)
+    assert result.holdout_accuracy is not None and result.holdout_accuracy > 0.90
+    assert len(result.epoch_seconds) == 3
+    assert np.isfinite([h["loss"] for h in result.history]).all()
