@@ -20,6 +20,12 @@ from .service import PredictionService
 log = logging.getLogger(__name__)
 
 TITLE = "Digit classifier"
+# `ui.run` options shared by the server and the tests' simulated user.
+UI_OPTIONS = {
+    "title": TITLE,
+    "fastapi_docs": {"title": TITLE, "summary": "Draw a digit, get the model's answer, correct it."},
+    "show_welcome_message": False,
+}
 
 
 def create_app(
@@ -82,11 +88,9 @@ def run(settings: Settings) -> None:
     ui.run(
         host=settings.ui_host,
         port=settings.ui_port,
-        title=TITLE,
         reload=False,
         show=False,
-        show_welcome_message=False,
         storage_secret=settings.storage_secret or secrets.token_urlsafe(32),
-        fastapi_docs={"title": TITLE, "summary": "Draw a digit, get the model's answer; label it."},
         uvicorn_logging_level="warning",
+        **UI_OPTIONS,  # type: ignore[arg-type]
     )

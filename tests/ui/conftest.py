@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -15,9 +17,10 @@ from nicegui.functions.notify import notify
 from nicegui.testing.general import nicegui_reset_globals, prepare_simulation
 from nicegui.testing.user import User
 
+from db.store import Store
 from settings import Settings
 from tests.ui.fakes import FakeModel, FakeStore
-from ui.app import create_app
+from ui.app import UI_OPTIONS, create_app
 from ui.inference import InferenceClient
 from ui.service import PredictionService
 
@@ -29,29 +32,27 @@ class Simulated:
     user: User
     client: httpx.AsyncClient  # plain HTTP to the same app (the JSON API)
     service: PredictionService
-    store: FakeStore
+    store: Any  # FakeStore or a real db.store.Store
     model: FakeModel
 
 
-@pytest.fixture
-async def sim(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Simulated]:
-    """Like nicegui.testing's `user` fixture, with the app built by `create_app` on in-memory fakes."""
-    store, model = FakeStore(), FakeModel()
-    inference = InferenceClient(
-        "http://model.test", management_url="http://model.test", transport=model.transport()
-    )
+@asynccontextmanager
+async def simulate(store: Any, model: FakeModel) -> AsyncIterator[Simulated]:
+    """Like nicegui.testing's `user` fixture, with the app built by `create_app` on `store` and `model`."""
+    transport = model.transport()
+    inference = InferenceClient("http://model.test", management_url="http://model.test", transport=transport)
     with nicegui_reset_globals():
         os.environ["NICEGUI_USER_SIMULATION"] = "true"
         try:
             prepare_simulation()
-            service = create_app(Settings(), store=store, inference=inference)  # type: ignore[arg-type]
+            service = create_app(Settings(), store=store, inference=inference)
             service.retry_interval_s = 0.05
-            ui.run(storage_secret="simulated secret")
+            ui.run(storage_secret="simulated secret", **UI_OPTIONS)
             async with core.app.router.lifespan_context(core.app):
-                transport = httpx.ASGITransport(core.app)
+                app_transport = httpx.ASGITransport(core.app)
                 async with (
-                    httpx.AsyncClient(transport=transport, base_url="http://test") as user_client,
-                    httpx.AsyncClient(transport=transport, base_url="http://test") as api_client,
+                    httpx.AsyncClient(transport=app_transport, base_url="http://test") as user_client,
+                    httpx.AsyncClient(transport=app_transport, base_url="http://test") as api_client,
                 ):
                     yield Simulated(User(user_client), api_client, service, store, model)
         finally:
@@ -60,5 +61,24 @@ async def sim(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Simulated]:
             ui.notify = notify
             ui.download = download
             await inference.close()
+
+
+def assert_no_error_logs(caplog: pytest.LogCaptureFixture) -> None:
     errors = [r for r in caplog.get_records("call") if r.levelname == "ERROR"]
     assert not errors, f"unexpected ERROR logs: {[r.getMessage() for r in errors]}"
+
+
+@pytest.fixture
+async def sim(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Simulated]:
+    """The app on an in-memory store and a fake model server."""
+    async with simulate(FakeStore(), FakeModel()) as simulated:
+        yield simulated
+    assert_no_error_logs(caplog)
+
+
+@pytest.fixture
+async def sim_db(store: Store, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Simulated]:
+    """The app on a real PostgreSQL (a fresh migrated database) and a fake model server."""
+    async with simulate(store, FakeModel()) as simulated:
+        yield simulated
+    assert_no_error_logs(caplog)

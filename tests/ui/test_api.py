@@ -1,0 +1,143 @@
+"""The JSON API on a real PostgreSQL (a fresh migrated database per test) and a fake model server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import zipfile
+
+from PIL import Image
+
+from tests.ui.conftest import Simulated
+from tests.ui.fakes import digit_png
+
+
+async def post_png(sim: Simulated, png: bytes) -> dict:
+    response = await sim.client.post("/api/predictions", content=png, headers={"content-type": "image/png"})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def test_post_image_body_is_predicted_and_stored(sim_db: Simulated) -> None:
+    body = await post_png(sim_db, digit_png("zero"))
+    assert body["stored"] is True and body["digit"] == 0
+    assert len(body["probabilities"]) == 10 and abs(sum(body["probabilities"]) - 1) < 0.01
+    assert body["confidence"] == max(body["probabilities"])
+    row = await sim_db.store.get(body["id"])
+    assert row.digit == 0 and row.model_name == "mnist" and row.true_label is None
+    assert await sim_db.store.image_png(body["id"]) == digit_png("zero")
+
+
+async def test_post_json_base64_and_data_url(sim_db: Simulated) -> None:
+    encoded = base64.b64encode(digit_png("one")).decode()
+    for data in (encoded, "data:image/png;base64," + encoded):
+        response = await sim_db.client.post("/api/predictions", json={"data": data})
+        assert response.status_code == 201, response.text
+        assert response.json()["digit"] == 1
+
+
+async def test_bad_input_gets_clear_4xx_and_nothing_stored(sim_db: Simulated) -> None:
+    cases = [
+        ({"content": b"hello, not an image", "headers": {"content-type": "image/png"}}, 400, "not an image"),
+        ({"content": digit_png("blank"), "headers": {"content-type": "image/png"}}, 400, "empty"),
+        ({"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": {"data": "***"}}, 400, "base64"),
+        ({"json": {"image": "x"}}, 400, '{"data"'),
+        (
+            {"content": b"\x89PNG" + bytes(2_100_000), "headers": {"content-type": "image/png"}},
+            413,
+            "too large",
+        ),
+    ]
+    for kwargs, status, words in cases:
+        response = await sim_db.client.post("/api/predictions", **kwargs)
+        assert response.status_code == status, (kwargs.get("json"), response.text)
+        assert words in response.json()["detail"]
+    assert (await sim_db.store.stats()).total == 0
+
+
+async def test_model_server_down_is_503(sim_db: Simulated) -> None:
+    sim_db.model.down = True
+    response = await sim_db.client.post("/api/predictions", content=digit_png("one"))
+    assert response.status_code == 503
+    assert "not reachable" in response.json()["detail"]
+
+
+async def test_label_roundtrip_and_errors(sim_db: Simulated) -> None:
+    prediction_id = (await post_png(sim_db, digit_png("one")))["id"]
+    response = await sim_db.client.put(f"/api/predictions/{prediction_id}/label", json={"label": 7})
+    assert response.status_code == 200 and response.json() == {
+        "id": prediction_id,
+        "label": 7,
+        "stored": True,
+    }
+    assert (await sim_db.store.get(prediction_id)).true_label == 7
+    for bad in (10, -1, "7", 7.5, None, True):
+        response = await sim_db.client.put(f"/api/predictions/{prediction_id}/label", json={"label": bad})
+        assert response.status_code == 422, bad
+    response = await sim_db.client.put("/api/predictions/999999/label", json={"label": 3})
+    assert response.status_code == 404 and "999999" in response.json()["detail"]
+    assert (await sim_db.store.get(prediction_id)).true_label == 7
+
+
+async def test_history_is_paginated_newest_first(sim_db: Simulated) -> None:
+    ids = [(await post_png(sim_db, digit_png(kind)))["id"] for kind in ("one", "zero", "one")]
+    await sim_db.client.put(f"/api/predictions/{ids[1]}/label", json={"label": 6})
+    first = (await sim_db.client.get("/api/predictions", params={"limit": 2})).json()
+    assert [item["id"] for item in first["items"]] == [ids[2], ids[1]]
+    assert first["items"][1]["true_label"] == 6 and first["items"][1]["correct"] is False
+    assert first["next_before_id"] == ids[1]
+    second = (await sim_db.client.get("/api/predictions", params={"limit": 2, "before_id": ids[1]})).json()
+    assert [item["id"] for item in second["items"]] == [ids[0]] and second["next_before_id"] is None
+    image = await sim_db.client.get(second["items"][0]["image_url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(image.content)).size == (280, 280)
+    assert (await sim_db.client.get("/api/predictions/999999/image.png")).status_code == 404
+    assert (await sim_db.client.get("/api/predictions", params={"limit": 0})).status_code == 422
+
+
+async def test_stats_and_export(sim_db: Simulated) -> None:
+    a = (await post_png(sim_db, digit_png("one")))["id"]
+    b = (await post_png(sim_db, digit_png("zero")))["id"]
+    await post_png(sim_db, digit_png("one"))
+    await sim_db.client.put(f"/api/predictions/{a}/label", json={"label": 1})
+    await sim_db.client.put(f"/api/predictions/{b}/label", json={"label": 8})
+    stats = (await sim_db.client.get("/api/stats")).json()
+    assert (stats["total"], stats["labelled"], stats["accuracy"]) == (3, 2, 0.5)
+    assert stats["confusion"][1][1] == 1 and stats["confusion"][8][0] == 1
+    assert stats["per_digit"][1]["accuracy"] == 1.0 and stats["per_digit"][8]["accuracy"] == 0.0
+    assert stats["by_version"]["1.0"]["total"] == 3
+    export = await sim_db.client.get("/api/export")
+    assert export.status_code == 200 and "attachment" in export.headers["content-disposition"]
+    names = zipfile.ZipFile(io.BytesIO(export.content)).namelist()
+    assert any(name.endswith(".csv") for name in names)
+    assert sum(name.endswith(".png") for name in names) == 2
+
+
+async def test_database_down_prediction_kept_then_stored(sim_db: Simulated, postgres) -> None:
+    postgres.stop()
+    try:
+        response = await sim_db.client.post("/api/predictions", content=digit_png("zero"))
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["stored"] is False and body["id"] is None and body["digit"] == 0
+        assert (await sim_db.client.get("/api/stats")).status_code == 503
+        ready = await sim_db.client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["database"]["ready"] is False
+        assert ready.json()["waiting_to_store"] == 1
+    finally:
+        postgres.start()
+    for _ in range(200):  # the service retries in the background
+        if not sim_db.service.waiting:
+            break
+        await asyncio.sleep(0.05)
+    stats = (await sim_db.client.get("/api/stats")).json()
+    assert stats["total"] == 1 and stats["per_digit"][0]["predicted"] == 1
+
+
+async def test_openapi_documents_the_api(sim_db: Simulated) -> None:
+    paths = (await sim_db.client.get("/openapi.json")).json()["paths"]
+    for path in ("/api/predictions", "/api/predictions/{prediction_id}/label", "/api/stats", "/readyz"):
+        assert path in paths
+    assert "image/png" in paths["/api/predictions"]["post"]["requestBody"]["content"]

@@ -1,0 +1,109 @@
+"""The TorchServe client: answers, 4xx messages, retries, failures (the real server: test_e2e)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.ui.fakes import FakeModel, digit_png
+from ui.inference import InferenceClient, InferenceUnavailable, InvalidInput, Prediction
+
+
+def client_for(handler) -> InferenceClient:
+    return InferenceClient("http://ts.test", transport=httpx.MockTransport(handler), timeout_s=1.0)
+
+
+def answer(**overrides) -> dict:
+    body = {
+        "digit": 3,
+        "confidence": 0.8,
+        "probabilities": [0.02] * 10,
+        "input": [0] * 784,
+        "model_version": "2",
+    }
+    body["probabilities"][3] = 0.8
+    body.update(overrides)
+    return body
+
+
+async def test_answer_is_parsed() -> None:
+    model = FakeModel()
+    client = InferenceClient("http://ts.test", transport=model.transport())
+    prediction = await client.predict(digit_png("zero"))
+    assert prediction.digit == 0 and len(prediction.input) == 784 and max(prediction.input) == 255
+
+
+async def test_4xx_message_is_passed_on() -> None:
+    client = client_for(lambda r: httpx.Response(400, json={"code": 400, "message": "the drawing is empty"}))
+    with pytest.raises(InvalidInput, match="the drawing is empty") as info:
+        await client.predict(b"x")
+    assert info.value.status_code == 400
+    client = client_for(lambda r: httpx.Response(413, text="Request Entity Too Large"))
+    with pytest.raises(InvalidInput, match="Too Large"):
+        await client.predict(b"x")
+
+
+async def test_connection_errors_and_503_are_retried_briefly() -> None:
+    calls = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.ConnectError("refused", request=request)
+        if len(calls) == 2:
+            return httpx.Response(503, json={"message": "no worker"})
+        return httpx.Response(200, content=json.dumps(answer()))
+
+    prediction = await client_for(flaky).predict(b"png")
+    assert prediction.digit == 3 and len(calls) == 3
+
+
+async def test_down_server_raises_unavailable_after_three_tries() -> None:
+    calls = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(InferenceUnavailable, match="not reachable"):
+        await client_for(down).predict(b"png")
+    assert len(calls) == 3
+
+
+async def test_timeout_500_and_bad_answers_are_unavailable() -> None:
+    def timeout(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    with pytest.raises(InferenceUnavailable, match="in time"):
+        await client_for(timeout).predict(b"png")
+    with pytest.raises(InferenceUnavailable, match="failed"):
+        await client_for(lambda r: httpx.Response(500, json={"message": "boom"})).predict(b"png")
+    with pytest.raises(InferenceUnavailable, match="not JSON"):
+        await client_for(lambda r: httpx.Response(200, text="<html>")).predict(b"png")
+    with pytest.raises(InferenceUnavailable, match="wrong shape"):
+        await client_for(lambda r: httpx.Response(200, json=answer(input=[0] * 10))).predict(b"png")
+    with pytest.raises(InferenceUnavailable, match="unexpected"):
+        await client_for(lambda r: httpx.Response(200, json={"digit": 1})).predict(b"png")
+
+
+def test_unsure() -> None:
+    sure = Prediction.from_json(answer())
+    assert not sure.unsure
+    close = answer(confidence=0.55)
+    close["probabilities"] = [0.0] * 10
+    close["probabilities"][3], close["probabilities"][5] = 0.55, 0.45
+    assert Prediction.from_json(close).unsure
+
+
+async def test_ready_reads_worker_status() -> None:
+    def management(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/models/mnist"
+        return httpx.Response(200, json=[{"workers": [{"status": "LOADING"}]}])
+
+    client = InferenceClient(
+        "http://ts.test", management_url="http://m.test", transport=httpx.MockTransport(management)
+    )
+    assert await client.ready() == (False, "workers: LOADING")
+    assert (await client_for(lambda r: httpx.Response(200, json={"status": "Healthy"})).ready())[0]
