@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     inference_url: str = "http://127.0.0.1:8080"
     management_url: str = "http://127.0.0.1:8081"
     metrics_url: str = "http://127.0.0.1:8082"
+    # TorchServe always also binds its gRPC APIs (on 127.0.0.1); the app does not use them.
+    grpc_inference_port: int = Field(default=7070, ge=1, le=65535)
+    grpc_management_port: int = Field(default=7071, ge=1, le=65535)
     model_name: str = "mnist"
     model_store: Path = ROOT / "model_store"
     inference_timeout_s: float = Field(default=5.0, gt=0)

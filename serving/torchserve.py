@@ -51,6 +51,8 @@ class ServeConfig:
     inference_url: str = "http://127.0.0.1:8080"
     management_url: str = "http://127.0.0.1:8081"
     metrics_url: str = "http://127.0.0.1:8082"
+    grpc_inference_port: int = 7070  # TorchServe binds its gRPC APIs on 127.0.0.1, always
+    grpc_management_port: int = 7071
     model_name: str = "mnist"
     config_file: Path = CONFIG_FILE
     max_upload_bytes: int = 2_000_000
@@ -69,6 +71,8 @@ class ServeConfig:
             inference_url=settings.inference_url,
             management_url=settings.management_url,
             metrics_url=settings.metrics_url,
+            grpc_inference_port=settings.grpc_inference_port,
+            grpc_management_port=settings.grpc_management_port,
             model_name=settings.model_name,
             max_upload_bytes=settings.max_upload_bytes,
         )
@@ -94,7 +98,7 @@ class ServeConfig:
         return self.model_store / f"{self.model_name}.mar"
 
     def addresses(self) -> dict[str, tuple[str, int]]:
-        """(host, port) of the inference, management and metrics APIs."""
+        """(host, port) of every API TorchServe binds: inference, management, metrics and gRPC."""
         out = {}
         for api, url in (
             ("inference", self.inference_url),
@@ -105,6 +109,8 @@ class ServeConfig:
             if not parts.hostname or not parts.port:
                 raise ServeError(f"{api} URL {url!r} needs an explicit host and port")
             out[api] = (parts.hostname, parts.port)
+        out["gRPC inference"] = ("127.0.0.1", self.grpc_inference_port)
+        out["gRPC management"] = ("127.0.0.1", self.grpc_management_port)
         return out
 
 
@@ -141,6 +147,8 @@ def environment(config: ServeConfig) -> dict[str, str]:
         TS_INFERENCE_ADDRESS=config.inference_url,
         TS_MANAGEMENT_ADDRESS=config.management_url,
         TS_METRICS_ADDRESS=config.metrics_url,
+        TS_GRPC_INFERENCE_PORT=str(config.grpc_inference_port),
+        TS_GRPC_MANAGEMENT_PORT=str(config.grpc_management_port),
         MAX_UPLOAD_BYTES=str(config.max_upload_bytes),
     )
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: 2 cores are shared
@@ -241,8 +249,8 @@ def start(config: ServeConfig | None = None, timeout: float = START_TIMEOUT_S) -
         )
     if busy := busy_ports(config):
         raise ServeError(
-            "port already in use: " + ", ".join(busy) + " (another TorchServe? `make stop`, or set "
-            "INFERENCE_URL / MANAGEMENT_URL / METRICS_URL to other ports)"
+            "port already in use: " + ", ".join(busy) + " (another TorchServe? `make stop`, or choose other "
+            "ports: INFERENCE_URL, MANAGEMENT_URL, METRICS_URL, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT)"
         )
     for folder in (config.run_dir, config.log_dir, config.tmp_dir):
         folder.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,8 @@ def run_cli(action: str, config: ServeConfig) -> subprocess.CompletedProcess:
         "INFERENCE_URL": config.inference_url,
         "MANAGEMENT_URL": config.management_url,
         "METRICS_URL": config.metrics_url,
+        "GRPC_INFERENCE_PORT": str(config.grpc_inference_port),
+        "GRPC_MANAGEMENT_PORT": str(config.grpc_management_port),
     }
     return subprocess.run(
         [sys.executable, "-m", "serving", action],
@@ -225,5 +227,5 @@ def test_metrics_are_prometheus_text_and_count_requests(torchserve, digit):
 
 
 def test_free_ports_are_distinct():
-    ports = free_ports(3)
-    assert len(set(ports)) == 3
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
