@@ -11,7 +11,7 @@ from torch import nn
 
 
 class Net(nn.Module):
-    """conv5-32 | pool | conv3-64 x2 | pool | conv3-128 x2 | dropout | linear (about 0.34M parameters)."""
+    """conv5-32 | pool | conv3-64 x2 | pool | conv3-128 x2 | dropout | linear; every conv is conv-BN-ReLU."""
 
     def __init__(self, dropout: float = 0.3) -> None:
         super().__init__()
