@@ -237,10 +237,24 @@ COLUMNS = (
 )
 
 INSERT = """
-INSERT INTO predictions
-    (digit, confidence, probabilities, model_name, model_version, latency_ms, image_png, input_pixels)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-RETURNING id
+WITH p AS (
+    INSERT INTO predictions (digit, confidence, probabilities, model_name, model_version, latency_ms)
+    VALUES (%s, %s, %s, %s, %s, %s)
+    RETURNING id
+)
+INSERT INTO prediction_images (prediction_id, image_png, input_pixels)
+SELECT id, %s, %s FROM p
+RETURNING prediction_id
+"""
+
+
+# (model_version, true_label or None, predicted digit, count): the same as grouping `predictions`,
+# read from the counters that migration 0003's triggers keep.
+STATS = """
+SELECT model_version, nullif(true_label, -1), digit, sum(n)::bigint
+FROM prediction_counts
+GROUP BY model_version, true_label, digit
+HAVING sum(n) <> 0
 """
 
 
@@ -261,6 +275,8 @@ class Store:
             timeout=timeout,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
             kwargs={
+                # Each method is one atomic statement: autocommit saves the BEGIN/COMMIT round trips.
+                "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT_S,
                 "application_name": "digit-classifier",
                 "options": "-c TimeZone=UTC",
@@ -281,15 +297,14 @@ class Store:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A pooled connection in a transaction; connection failures become DatabaseUnavailable."""
+        """A pooled autocommit connection; connection failures become DatabaseUnavailable."""
         try:
             conn = await self._pool.getconn()
             while _is_stale(conn):  # e.g. every idle connection after a server restart
                 await self._pool.putconn(conn)  # the pool drops it and opens a replacement
                 conn = await self._pool.getconn()
             try:
-                async with conn:  # commit on success, roll back on error
-                    yield conn
+                yield conn
             finally:
                 await self._pool.putconn(conn)
         except psycopg.OperationalError as exc:  # includes PoolTimeout
@@ -366,18 +381,18 @@ class Store:
     async def image_png(self, prediction_id: int) -> bytes:
         """The drawing of a prediction, as stored."""
         async with self._connection() as conn:
-            cur = await conn.execute("SELECT image_png FROM predictions WHERE id = %s", (prediction_id,))
+            cur = await conn.execute(
+                "SELECT image_png FROM prediction_images WHERE prediction_id = %s", (prediction_id,)
+            )
             row = await cur.fetchone()
         if row is None:
             raise PredictionNotFound(f"no prediction with id {prediction_id}")
         return bytes(row[0])
 
     async def stats(self) -> Stats:
-        """Statistics over all rows, and per model version (one index-only scan, grouped)."""
+        """Statistics over all rows, and per model version (from the trigger-kept counters)."""
         async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT model_version, true_label, digit, count(*) FROM predictions GROUP BY 1, 2, 3"
-            )
+            cur = await conn.execute(STATS)
             groups = await cur.fetchall()
         return compute_stats(groups)
 
@@ -386,8 +401,8 @@ class Store:
         async with self._connection() as conn:
             cur = await conn.execute(
                 "SELECT id, true_label, digit, confidence, model_name, model_version, created_at, "
-                "labelled_at, image_png, input_pixels FROM predictions "
-                "WHERE true_label IS NOT NULL ORDER BY id"
+                "labelled_at, image_png, input_pixels FROM predictions JOIN prediction_images "
+                "ON prediction_id = id WHERE true_label IS NOT NULL ORDER BY id"
             )
             rows = [ExportRow(*row[:8], bytes(row[8]), bytes(row[9])) for row in await cur.fetchall()]
         return await asyncio.to_thread(build_export, rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -10,7 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from db.migrate import MigrationError, load_migrations, migrate, pending
+from db.migrate import MIGRATIONS_DIR, MigrationError, load_migrations, migrate, pending
+from db.store import STATS
 from tests.db.samples import drawing_png
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +65,28 @@ def test_migrate_from_empty_then_idempotent(empty_db_url: str) -> None:
         assert [f"{v:04d}_{n}.sql" for v, n, _, _ in rows] == names
         assert all(len(checksum) == 64 and applied for _, _, checksum, applied in rows)
         assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
+
+
+def test_0002_moves_existing_drawings(empty_db_url: str, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(MIGRATIONS_DIR / "0001_predictions.sql", first)
+    assert migrate(empty_db_url, first) == ["0001_predictions.sql"]
+    png = drawing_png(7)
+    with psycopg.connect(empty_db_url) as conn:
+        (pid,) = conn.execute(
+            "INSERT INTO predictions (digit, confidence, probabilities, model_name, model_version, "
+            "latency_ms, image_png, input_pixels, true_label, labelled_at) "
+            "VALUES (7, 0.5, %s, 'mnist', 'old', 3, %s, %s, 1, now()) RETURNING id",
+            ([0.1] * 10, png, bytes(range(256)) * 3 + bytes(16)),
+        ).fetchone()
+    assert migrate(empty_db_url)[0] == "0002_prediction_images.sql"
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute(
+            "SELECT digit, true_label, image_png, input_pixels FROM predictions "
+            "JOIN prediction_images ON prediction_id = id WHERE id = %s",
+            (pid,),
+        ).fetchone() == (7, 1, png, bytes(range(256)) * 3 + bytes(16))
 
 
 def test_two_concurrent_runs_apply_each_file_once(empty_db_url: str, tmp_path: Path) -> None:
@@ -123,7 +147,7 @@ def test_command_line(empty_db_url: str, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "db.migrate", "--url", empty_db_url]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
-    assert "applied: 0001_predictions.sql" in first.stdout
+    assert "applied: 0001_predictions.sql, 0002_prediction_images.sql, 0003" in first.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "nothing to apply" in again.stdout
 
@@ -145,9 +169,13 @@ def test_command_line_reports_a_changed_migration(empty_db_url: str) -> None:
 
 # -- the schema enforces its rules even for SQL that skips the Store's checks ---------------------------
 INSERT = """
-INSERT INTO predictions
-    (digit, confidence, probabilities, model_name, model_version, latency_ms, image_png, input_pixels)
-VALUES (%(digit)s, %(confidence)s, %(probabilities)s, 'mnist', '1.0', 1.0, %(png)s, %(pixels)s)
+WITH p AS (
+    INSERT INTO predictions (digit, confidence, probabilities, model_name, model_version, latency_ms)
+    VALUES (%(digit)s, %(confidence)s, %(probabilities)s, 'mnist', '1.0', 1.0)
+    RETURNING id
+)
+INSERT INTO prediction_images (prediction_id, image_png, input_pixels) SELECT id, %(png)s, %(pixels)s FROM p
+RETURNING prediction_id
 """
 
 
@@ -169,9 +197,9 @@ def _valid() -> dict:
         ({"probabilities": [0.1] * 9}, "predictions_probabilities_shape"),
         ({"probabilities": [0.1] * 9 + [None]}, "predictions_probabilities_shape"),
         ({"probabilities": [0.1] * 9 + [-0.5]}, "predictions_probabilities_shape"),
-        ({"png": b"not a png"}, "predictions_image_png_valid"),
-        ({"png": b"\x89PNG\r\n\x1a\n" + bytes(2_000_000)}, "predictions_image_png_valid"),
-        ({"pixels": bytes(100)}, "predictions_input_pixels_size"),
+        ({"png": b"not a png"}, "prediction_images_png_valid"),
+        ({"png": b"\x89PNG\r\n\x1a\n" + bytes(2_000_000)}, "prediction_images_png_valid"),
+        ({"pixels": bytes(100)}, "prediction_images_input_pixels_size"),
     ],
 )
 def test_schema_rejects(db_url: str, changes: dict, constraint: str) -> None:
@@ -184,20 +212,68 @@ def test_schema_rejects(db_url: str, changes: dict, constraint: str) -> None:
 
 def test_schema_label_rules(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        (pid,) = conn.execute(INSERT + " RETURNING id", _valid()).fetchone()
+        (pid,) = conn.execute(INSERT, _valid()).fetchone()
         with pytest.raises(psycopg.errors.CheckViolation, match="predictions_true_label_range"):
             conn.execute("UPDATE predictions SET true_label = 10, labelled_at = now() WHERE id = %s", (pid,))
         with pytest.raises(psycopg.errors.CheckViolation, match="predictions_label_time"):
             conn.execute("UPDATE predictions SET true_label = 4 WHERE id = %s", (pid,))
 
 
-def test_stats_query_is_an_index_only_scan(db_url: str) -> None:
-    with psycopg.connect(db_url) as conn:
-        conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be scanned directly
-        plan = "\n".join(
-            row[0]
-            for row in conn.execute(
-                "EXPLAIN SELECT model_version, true_label, digit, count(*) FROM predictions GROUP BY 1, 2, 3"
-            )
-        )
-        assert "Index Only Scan using predictions_stats_idx" in plan
+GROUPED = """
+SELECT model_version, true_label, digit, count(*) FROM predictions GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
+
+
+def _counted(conn: psycopg.Connection) -> list[tuple]:
+    rows = conn.execute(STATS).fetchall()
+    return sorted(rows, key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2]))
+
+
+def _grouped(conn: psycopg.Connection) -> list[tuple]:
+    return sorted(conn.execute(GROUPED).fetchall(), key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2]))
+
+
+def test_counters_follow_inserts_updates_and_deletes(db_url: str) -> None:
+    conns = [psycopg.connect(db_url, autocommit=True) for _ in range(3)]  # three backends, other slots
+    try:
+        ids = []
+        for i in range(30):
+            row = {**_valid(), "digit": i % 10}
+            ids.append(conns[i % 3].execute(INSERT, row).fetchone()[0])
+        update = "UPDATE predictions SET true_label = %s, labelled_at = now() WHERE id = %s"
+        for i, pid in enumerate(ids[:20]):
+            conns[i % 3].execute(update, (i % 7, pid))
+        for i, pid in enumerate(ids[:5]):  # relabel
+            conns[(i + 1) % 3].execute(update, ((i + 3) % 10, pid))
+        conns[0].execute("UPDATE predictions SET model_version = '2.0' WHERE id = ANY(%s)", (ids[10:15],))
+        conns[1].execute("DELETE FROM predictions WHERE id = ANY(%s)", (ids[25:],))
+        assert _counted(conns[2]) == _grouped(conns[2])
+        assert sum(r[3] for r in _counted(conns[2])) == 25
+        with pytest.raises(psycopg.errors.DivisionByZero), conns[0].transaction():  # rolled back
+            conns[0].execute(update, (9, ids[0]))
+            conns[0].execute("SELECT 1/0")
+        assert _counted(conns[2]) == _grouped(conns[2])
+        with pytest.raises(psycopg.errors.DivisionByZero), conns[1].transaction():
+            conns[1].execute(INSERT, _valid())
+            conns[1].execute("SELECT 1/0")
+        assert _counted(conns[2]) == _grouped(conns[2])
+        conns[2].execute("TRUNCATE predictions CASCADE")
+        assert _counted(conns[2]) == []
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_0003_counts_the_rows_already_there(empty_db_url: str, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in ("0001_predictions.sql", "0002_prediction_images.sql"):
+        shutil.copy(MIGRATIONS_DIR / name, first)
+    migrate(empty_db_url, first)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        for digit in (1, 1, 2):
+            conn.execute(INSERT, {**_valid(), "digit": digit})
+        conn.execute("UPDATE predictions SET true_label = 1, labelled_at = now() WHERE digit = 2")
+    assert migrate(empty_db_url) == ["0003_prediction_counts.sql"]
+    with psycopg.connect(empty_db_url) as conn:
+        assert _counted(conn) == [("1.0", None, 1, 2), ("1.0", 1, 2, 1)]

@@ -211,7 +211,7 @@ async def test_rows_survive_a_server_restart(postgres, db_url: str) -> None:
 
 @pytest.mark.slow
 async def test_database_down_then_back(postgres, db_url: str) -> None:
-    store = await Store.open(db_url, timeout=2.0)
+    store = await Store.open(db_url, timeout=1.0)
     try:
         before = await store.record_prediction(prediction())
         postgres.stop()
