@@ -24,7 +24,8 @@ DB_DOWN = "Not saved yet: the database is unreachable. It is kept and saved auto
 # Buttons lose focus after a mouse click, so that Enter and the digit keys go to the page's shortcuts.
 BLUR_AFTER_CLICK = """<script>
 document.addEventListener('click', e => {
-  const b = e.target.closest('button'); if (b && e.detail > 0) b.blur();
+  const a = document.activeElement;
+  if (e.detail > 0 && a && a.closest && a.closest('button')) a.blur();
 });
 </script>"""
 

@@ -1,0 +1,190 @@
+"""End to end in a real browser (Debian's chromium via Playwright) against the real app.
+
+`python -m ui` runs in a subprocess on a fresh database of the session's real PostgreSQL and talks to
+the session's real TorchServe through a TCP proxy, which the model-server test switches off and on.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.ui.live import RunningApp, TcpProxy, run_app
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: `make test` installs Debian's chromium (scripts/system-deps.sh)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def model_proxy(torchserve) -> Iterator[TcpProxy]:
+    target = urlsplit(torchserve.inference_url)
+    proxy = TcpProxy(target.hostname, target.port)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def database(postgres) -> Iterator[str]:
+    """A fresh empty database: the launcher applies the migrations."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, torchserve, model_proxy: TcpProxy, database: str) -> Iterator[RunningApp]:
+    env = {
+        "DATABASE_URL": database,
+        "INFERENCE_URL": model_proxy.url,
+        "MANAGEMENT_URL": torchserve.management_url,
+        "METRICS_URL": torchserve.metrics_url,
+    }
+    with run_app(tmp_path_factory.mktemp("ui"), "--no-torchserve", **env) as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser: Browser, app: RunningApp) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.goto(app.url)
+    expect(page.get_by_test_id("digit-canvas")).to_be_visible()
+    yield page
+    context.close()
+
+
+def draw_one(page: Page) -> None:
+    """A vertical stroke with the mouse: a 1."""
+    box = page.get_by_test_id("digit-canvas").bounding_box()
+    assert box is not None
+    x = box["x"] + box["width"] / 2
+    page.mouse.move(x, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(x + 4, box["y"] + box["height"] * 0.8, steps=20)
+    page.mouse.up()
+
+
+def stroke_count(page: Page) -> int:
+    return page.evaluate(
+        "() => document.querySelector('[data-testid=digit-canvas]').__vueParentComponent"
+        "?.ctx?.strokes?.length ?? -1"
+    )
+
+
+def saved_id(page: Page) -> int:
+    expect(page.get_by_test_id("status")).to_contain_text("saved as #", timeout=10_000)
+    return int(re.search(r"#(\d+)", page.get_by_test_id("status").inner_text())[1])
+
+
+def row(database: str, prediction_id: int) -> tuple[int, int | None]:
+    with psycopg.connect(database) as conn:
+        found = conn.execute(
+            "SELECT digit, true_label FROM predictions WHERE id = %s", (prediction_id,)
+        ).fetchone()
+    assert found is not None, f"prediction {prediction_id} not in the database"
+    return found
+
+
+def test_draw_predict_label_history_and_database(page: Page, database: str) -> None:
+    draw_one(page)
+    page.get_by_test_id("predict").click()
+    expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)
+    prediction_id = saved_id(page)
+    assert row(database, prediction_id) == (1, None)
+    page.get_by_test_id("label-7").click()
+    page.get_by_test_id("submit").click()
+    expect(page.get_by_text("Saved: it was a 7 (the model was wrong).")).to_be_visible()
+    assert row(database, prediction_id) == (1, 7)
+    history = page.get_by_test_id("history").get_by_test_id("history-row").first
+    expect(history).to_contain_text("predicted 1")
+    expect(history).to_contain_text("true 7")
+    page.get_by_role("tab", name="Statistics").click()
+    expect(page.get_by_test_id("stat-labelled")).not_to_have_text("0")
+
+
+def test_keyboard_and_undo(page: Page, database: str) -> None:
+    draw_one(page)
+    draw_one(page)
+    page.get_by_test_id("undo").click()
+    expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)  # live preview after undo
+    page.keyboard.press("Enter")
+    prediction_id = saved_id(page)
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("status")).to_contain_text("true label 1")
+    assert row(database, prediction_id) == (1, 1)
+    page.keyboard.press("Escape")
+    expect(page.get_by_text("Draw a digit and press Predict.")).to_be_visible()
+
+
+def test_empty_canvas_gives_a_message(page: Page) -> None:
+    page.get_by_test_id("predict").click()
+    expect(page.get_by_text("Draw a digit first.")).to_be_visible()
+
+
+def test_model_server_down_shows_banner_and_keeps_the_drawing(
+    page: Page, model_proxy: TcpProxy, database: str
+) -> None:
+    page.get_by_test_id("live").click()  # no live preview: Predict alone talks to the model
+    model_proxy.stop()
+    try:
+        draw_one(page)
+        page.get_by_test_id("predict").click()
+        expect(page.get_by_test_id("model-banner")).to_be_visible(timeout=10_000)
+        expect(page.get_by_test_id("model-banner")).to_contain_text("not answering")
+        assert page.evaluate(
+            "() => document.querySelector('[data-testid=digit-canvas]').toDataURL()"
+        ).startswith("data:image/png")
+    finally:
+        model_proxy.start()
+    page.get_by_test_id("predict").click()
+    expect(page.get_by_test_id("model-banner")).to_be_hidden(timeout=10_000)
+    expect(page.get_by_test_id("digit")).to_have_text("1")
+    assert row(database, saved_id(page))[0] == 1
+
+
+def test_database_down_shows_warning_then_saves(page: Page, postgres, database: str) -> None:
+    postgres.stop()
+    try:
+        draw_one(page)
+        page.get_by_test_id("predict").click()
+        expect(page.get_by_test_id("digit")).to_have_text("1", timeout=15_000)
+        expect(page.get_by_test_id("db-warning")).to_be_visible(timeout=15_000)
+        expect(page.get_by_test_id("status")).to_have_text("not saved yet")
+        page.get_by_test_id("label-1").click()
+        page.get_by_test_id("submit").click()
+        expect(page.get_by_text("Label 1 kept; it is saved when the database is back.")).to_be_visible()
+    finally:
+        postgres.start()
+    expect(page.get_by_test_id("status")).to_contain_text("true label 1", timeout=30_000)
+    expect(page.get_by_test_id("db-warning")).to_be_hidden()
+    prediction_id = saved_id(page)
+    assert row(database, prediction_id) == (1, 1)
+    time.sleep(0)  # nothing else to wait for: the row is there
