@@ -38,7 +38,7 @@ class RunningApp:
 def app_env(tmp: Path, port: int, **env: str) -> dict[str, str]:
     """The environment of a launcher run: own port, run and data folders, not seen as pytest by NiceGUI."""
     out = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "NICEGUI_"))}
-    out.update(UI_PORT=str(port), RUN_DIR=str(tmp / "run"), DATA_DIR=str(tmp / "data"), **env)
+    out.update({"UI_PORT": str(port), "RUN_DIR": str(tmp / "run"), "DATA_DIR": str(tmp / "data"), **env})
     return out
 
 
