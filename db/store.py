@@ -158,6 +158,17 @@ def validate_label(label: object) -> int:
     return int(label)  # type: ignore[call-overload]
 
 
+def validate_id(prediction_id: object) -> int:
+    """An id as an int; anything that cannot be a stored id is PredictionNotFound."""
+    if (
+        not isinstance(prediction_id, int)
+        or isinstance(prediction_id, bool)
+        or not 1 <= prediction_id < 2**63
+    ):
+        raise PredictionNotFound(f"no prediction with id {prediction_id!r}")
+    return prediction_id
+
+
 def compute_stats(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
     """Stats from (model_version, true_label or None, predicted digit, count) groups."""
     groups = list(groups)
@@ -309,6 +320,8 @@ class Store:
                 await self._pool.putconn(conn)
         except psycopg.OperationalError as exc:  # includes PoolTimeout
             raise DatabaseUnavailable(_short(exc)) from exc
+        except psycopg.Error as exc:  # e.g. the schema is missing: migrations not applied
+            raise StoreError(f"database error: {exc.diag.message_primary or exc}") from exc
 
     async def ping(self) -> bool:
         """Whether the server answers now (never raises)."""
@@ -332,18 +345,19 @@ class Store:
             bytes(p.image_png),
             bytes(p.input_pixels),
         )
-        try:
-            async with self._connection() as conn:
+        async with self._connection() as conn:
+            try:
                 cur = await conn.execute(INSERT, params)
-                row = await cur.fetchone()
-        except (psycopg.IntegrityError, psycopg.DataError) as exc:
-            raise InvalidPrediction(f"rejected by the database: {exc.diag.message_primary}") from exc
+            except (psycopg.IntegrityError, psycopg.DataError) as exc:
+                raise InvalidPrediction(f"rejected by the database: {exc.diag.message_primary}") from exc
+            row = await cur.fetchone()
         assert row is not None
         return int(row[0])
 
     async def set_label(self, prediction_id: int, label: int) -> None:
         """Set or replace the true label of a prediction."""
         label = validate_label(label)
+        prediction_id = validate_id(prediction_id)
         async with self._connection() as conn:
             cur = await conn.execute(
                 "UPDATE predictions SET true_label = %s, labelled_at = now() WHERE id = %s",
@@ -354,6 +368,7 @@ class Store:
 
     async def get(self, prediction_id: int) -> PredictionRow:
         """One prediction (without blobs)."""
+        prediction_id = validate_id(prediction_id)
         async with self._connection() as conn:
             cur = await conn.execute(f"SELECT {COLUMNS} FROM predictions WHERE id = %s", (prediction_id,))
             row = await cur.fetchone()
@@ -365,6 +380,9 @@ class Store:
         """Newest first, at most `limit` (1-500); the next page is `recent(limit, before_id=last.id)`."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be 1-{MAX_PAGE}, got {limit!r}")
+        if before_id is not None and (not isinstance(before_id, int) or isinstance(before_id, bool)):
+            raise ValueError(f"before_id must be an id, got {before_id!r}")
+        before_id = None if before_id is None else min(before_id, 2**63 - 1)
         async with self._connection() as conn:
             if before_id is None:
                 cur = await conn.execute(
@@ -380,6 +398,7 @@ class Store:
 
     async def image_png(self, prediction_id: int) -> bytes:
         """The drawing of a prediction, as stored."""
+        prediction_id = validate_id(prediction_id)
         async with self._connection() as conn:
             cur = await conn.execute(
                 "SELECT image_png FROM prediction_images WHERE prediction_id = %s", (prediction_id,)

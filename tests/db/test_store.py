@@ -15,6 +15,7 @@ from db.store import (
     InvalidPrediction,
     PredictionNotFound,
     Store,
+    StoreError,
     compute_stats,
     validate_prediction,
 )
@@ -134,6 +135,21 @@ async def test_unknown_id_is_a_clear_error(store: Store) -> None:
         await store.get(12345)
 
 
+@pytest.mark.parametrize("bad_id", [0, -3, 2**70, "7", True])
+async def test_impossible_ids_are_not_found(store: Store, bad_id: object) -> None:
+    with pytest.raises(PredictionNotFound):
+        await store.get(bad_id)  # type: ignore[arg-type]
+    with pytest.raises(PredictionNotFound):
+        await store.set_label(bad_id, 1)  # type: ignore[arg-type]
+
+
+async def test_missing_schema_is_a_store_error(empty_db_url: str) -> None:
+    async with await Store.open(empty_db_url) as store:
+        with pytest.raises(StoreError, match="does not exist"):
+            await store.stats()
+        assert await store.ping() is True
+
+
 async def test_invalid_prediction_saves_nothing(store: Store) -> None:
     for changes in ({"digit": 10}, {"confidence": 1.5}, {"probabilities": [0.1] * 9}):
         with pytest.raises(InvalidPrediction):
@@ -155,6 +171,7 @@ async def test_keyset_pagination(store: Store) -> None:
     assert [r.id for r in await store.recent(limit=10, before_id=pages[0][-1])] == pages[1]
     with pytest.raises(ValueError, match="limit"):
         await store.recent(limit=0)
+    assert [r.id for r in await store.recent(limit=2, before_id=2**70)] == [ids[-1] + 1, ids[-1]]
 
 
 async def test_stats_match_a_hand_computed_set(store: Store) -> None:
