@@ -65,9 +65,9 @@ def socket_dir_for(pgdata: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"pgsock-{digest}"
 
 
-def url_for(socket_dir: Path, database: str = SUPERUSER) -> str:
+def url_for(socket_dir: Path, database: str = SUPERUSER, port: int = PORT) -> str:
     """A libpq URL for the server listening in `socket_dir`."""
-    return f"postgresql://{SUPERUSER}@/{database}?host={quote(str(socket_dir), safe='/')}&port={PORT}"
+    return f"postgresql://{SUPERUSER}@/{database}?host={quote(str(socket_dir), safe='/')}&port={port}"
 
 
 class EmbeddedPostgres:
@@ -83,6 +83,7 @@ class EmbeddedPostgres:
     ) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.socket_dir = socket_dir_for(self.data_dir)
+        self.port = PORT
         self.server_options = list(server_options)  # extra `-c name=value` settings, e.g. for tests
         self.watchdog = watchdog
         self.handle_sigterm = handle_sigterm
@@ -95,11 +96,11 @@ class EmbeddedPostgres:
     @property
     def url(self) -> str:
         """The URL of the `postgres` database (valid while the server runs)."""
-        return url_for(self.socket_dir)
+        return url_for(self.socket_dir, port=self.port)
 
     def database_url(self, database: str) -> str:
         """The URL of another database on this server."""
-        return url_for(self.socket_dir, database)
+        return url_for(self.socket_dir, database, port=self.port)
 
     def start(self) -> str:
         """Initialise the data directory if needed, start (or adopt) the server, return its URL."""
@@ -109,14 +110,15 @@ class EmbeddedPostgres:
                 self._initdb()
             owner = self._read_owner()
             if not self.is_running():
+                self.socket_dir, self.port = socket_dir_for(self.data_dir), PORT
                 self._pg_ctl_start()
                 self._owned = True
-            elif owner is not None and owner != os.getpid() and _alive(owner):
-                self._wait_ready()  # another live process runs it: share it, leave stopping to it
-                self._owned = False
             else:
-                self._wait_ready()  # a server left by a killed run: adopt it
-                self._owned = True
+                self._use_running_socket()
+                self._wait_ready()
+                # Another live process runs it: share it and leave stopping to that process.
+                # Otherwise a killed run left it behind: adopt it.
+                self._owned = not (owner is not None and owner != os.getpid() and _alive(owner))
             if self._owned:
                 self._write_owner(os.getpid())
         if self._owned:
@@ -199,7 +201,7 @@ class EmbeddedPostgres:
         options = [
             "-c listen_addresses=''",
             f"-c unix_socket_directories='{self.socket_dir}'",
-            f"-c port={PORT}",
+            f"-c port={self.port}",
             *(f"-c {option}" for option in self.server_options),
         ]
         log = self.data_dir / "log"
@@ -210,11 +212,26 @@ class EmbeddedPostgres:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else result.stderr
             raise EmbeddedPostgresError(f"could not start PostgreSQL in {self.data_dir}:\n{tail}")
 
+    def _use_running_socket(self) -> None:
+        """Take the socket directory and port from the running server's `postmaster.pid`."""
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+            port, socket_dir = int(lines[3]), lines[4].strip()
+            if socket_dir:
+                self.socket_dir, self.port = Path(socket_dir), port
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             ready = subprocess.run(
-                [str(POSTGRES_BIN_PATH / "pg_isready"), "-q", "-h", str(self.socket_dir), "-p", str(PORT)],
+                [
+                    str(POSTGRES_BIN_PATH / "pg_isready"),
+                    "-q",
+                    "-h",
+                    str(self.socket_dir),
+                    "-p",
+                    str(self.port),
+                ],
                 check=False,
             )
             if ready.returncode == 0:

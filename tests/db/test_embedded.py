@@ -138,3 +138,20 @@ def test_long_data_dir_gets_a_short_socket_dir(tmp_path: Path) -> None:
     assert len(str(sock)) < MAX_SOCKET_PATH and sock != long
     assert socket_dir_for(long) == sock  # stable across runs
     assert url_for(Path("/tmp/a b")) == "postgresql://postgres@/postgres?host=/tmp/a%20b&port=5432"
+
+
+def test_a_running_server_is_found_on_its_own_socket_dir(pgdata: Path, monkeypatch) -> None:
+    other = Path(tempfile.mkdtemp(prefix="pgsock-test-"))
+    monkeypatch.setattr("db.embedded.socket_dir_for", lambda _: other)
+    first = EmbeddedPostgres(pgdata, watchdog=False)
+    try:
+        url = first.start()
+        assert str(other) in url
+        monkeypatch.undo()
+        second = EmbeddedPostgres(pgdata, watchdog=False)
+        assert second.socket_dir == pgdata
+        assert second.start() == url  # found through postmaster.pid
+        assert _value(second.url) == [("before",)]
+    finally:
+        first.stop()
+        shutil.rmtree(other, ignore_errors=True)
