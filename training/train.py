@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from handlers.preprocess import normalize
 from training import card, evaluate
 from training.augment import AugmentConfig, augment
-from training.data import FILES, Mnist, load_mnist, sha256_of
+from training.data import FILES, Mnist, MnistDataError, load_mnist, sha256_of
 from training.model import Net
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,16 @@ def make_scheduler(
 
 def train(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> TrainResult:
     """Train a fresh `Net` on uint8 images/labels; deterministic for a given seed and thread count."""
-    torch.manual_seed(cfg.seed)
+    previous = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _fit(images, labels, cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> TrainResult:
+    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     x_all = torch.from_numpy(np.array(images[: cfg.limit]))
@@ -262,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         dry_run=args.dry_run,
     )
     output_dir = args.output_dir or (DRY_RUN_OUTPUT_DIR if args.dry_run else DEFAULT_OUTPUT_DIR)
-    model_card = run(cfg, args.data_dir, output_dir)
+    try:
+        model_card = run(cfg, args.data_dir, output_dir)
+    except MnistDataError as exc:
+        print(
+            f"error: {exc}\n(offline? point --data-dir, or DATA_DIR for `make model`, at a local copy)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         json.dumps(
             {
