@@ -139,7 +139,8 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         """Stop the server if this object owns it (fast shutdown: committed data is kept)."""
         self._stop_watchdog()
-        if not self._owned:
+        if not self._owned or not self.data_dir.exists():
+            self._owned = False
             return
         with self._lock():
             if self.is_running():

@@ -152,6 +152,8 @@ def test_a_running_server_is_found_on_its_own_socket_dir(pgdata: Path, monkeypat
         assert second.socket_dir == pgdata
         assert second.start() == url  # found through postmaster.pid
         assert _value(second.url) == [("before",)]
+        second.stop()  # the same process started it, so this object may stop it too
+        assert not first.is_running()
     finally:
         first.stop()
         shutil.rmtree(other, ignore_errors=True)
