@@ -223,7 +223,7 @@ def _is_digit(x: object) -> bool:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"database unavailable: {text[0] if text else type(exc).__name__}"
+    return f"database unavailable: {text[0][:200] if text else type(exc).__name__}"
 
 
 def _is_stale(conn: AsyncConnection[Any]) -> bool:
@@ -272,12 +272,25 @@ HAVING sum(n) <> 0
 class Store:
     """The app's access to PostgreSQL. Open with `await Store.open(url)`; close with `await close()`."""
 
-    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[AsyncConnection[Any]], connect_kwargs: dict[str, Any]
+    ) -> None:
         self._pool = pool
+        self._connect_kwargs = connect_kwargs
+        # Set by a failure to reach the server: until a direct connection succeeds again, calls
+        # fail at once instead of each waiting for the pool timeout.
+        self._suspect_down = False
 
     @classmethod
     async def open(cls, url: str, *, max_size: int = 8, timeout: float = POOL_TIMEOUT_S) -> Store:
         """A store with a pool of up to `max_size` connections; works even if the server is down now."""
+        kwargs: dict[str, Any] = {
+            # Each method is one atomic statement: autocommit saves the BEGIN/COMMIT round trips.
+            "autocommit": True,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "application_name": "digit-classifier",
+            "options": "-c TimeZone=UTC",
+        }
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             url,
             min_size=1,
@@ -285,17 +298,11 @@ class Store:
             open=False,
             timeout=timeout,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
-            kwargs={
-                # Each method is one atomic statement: autocommit saves the BEGIN/COMMIT round trips.
-                "autocommit": True,
-                "connect_timeout": CONNECT_TIMEOUT_S,
-                "application_name": "digit-classifier",
-                "options": "-c TimeZone=UTC",
-            },
+            kwargs=kwargs,
             name="store",
         )
         await pool.open(wait=False)
-        return cls(pool)
+        return cls(pool, {"conninfo": url, **kwargs})
 
     async def close(self) -> None:
         await self._pool.close()
@@ -310,18 +317,31 @@ class Store:
     async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
         """A pooled autocommit connection; connection failures become DatabaseUnavailable."""
         try:
+            if self._suspect_down:
+                await self._probe()
             conn = await self._pool.getconn()
-            while _is_stale(conn):  # e.g. every idle connection after a server restart
+            probed = False
+            while _is_stale(conn):  # the server closed it: it is down, or restarted since
                 await self._pool.putconn(conn)  # the pool drops it and opens a replacement
+                if not probed:
+                    await self._probe()  # down: fail now rather than after the pool timeout
+                    probed = True
                 conn = await self._pool.getconn()
             try:
                 yield conn
             finally:
                 await self._pool.putconn(conn)
         except psycopg.OperationalError as exc:  # includes PoolTimeout
+            self._suspect_down = True
             raise DatabaseUnavailable(_short(exc)) from exc
         except psycopg.Error as exc:  # e.g. the schema is missing: migrations not applied
             raise StoreError(f"database error: {exc.diag.message_primary or exc}") from exc
+
+    async def _probe(self) -> None:
+        """Connect once outside the pool: raises at once while the server is down, else clears the flag."""
+        conn = await AsyncConnection.connect(**self._connect_kwargs)
+        await conn.close()
+        self._suspect_down = False
 
     async def ping(self) -> bool:
         """Whether the server answers now (never raises)."""

