@@ -93,7 +93,7 @@ class DigitPage:
 
     def build_result(self) -> None:
         self.placeholder = ui.label("Draw a digit and press Predict.").classes("text-grey")
-        self.result = ui.column().classes("w-full")
+        self.result = ui.column().classes("w-full").props("data-testid=result").mark("result")
         self.result.set_visibility(False)
         with self.result:
             with ui.row().classes("items-center gap-6 w-full"):
@@ -238,6 +238,7 @@ class DigitPage:
     def reset_result(self) -> None:
         self.outcome = self.outcome_png = self.selected = None
         self.preview_seq += 1
+        self.status_label.set_text("")
         self.placeholder.set_visibility(True)
         self.result.set_visibility(False)
         self.db_warning.set_visibility(False)

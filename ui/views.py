@@ -18,6 +18,9 @@ def pixels_data_url(pixels: Sequence[int] | bytes, side: int = 28) -> str:
     return png_data_url(buf.getvalue())
 
 
+GRID_LINE = {"lineStyle": {"color": "rgba(128, 128, 128, 0.25)"}}  # readable on light and dark
+
+
 def png_data_url(png: bytes) -> str:
     """PNG bytes as a data URL for an <img>."""
     return "data:image/png;base64," + base64.b64encode(png).decode()
@@ -44,7 +47,7 @@ def probability_chart(probabilities: Sequence[float], digit: int) -> dict[str, A
         "animation": False,
         "grid": {"left": 36, "right": 8, "top": 8, "bottom": 24},
         "xAxis": {"type": "category", "data": [str(d) for d in range(10)]},
-        "yAxis": {"type": "value", "min": 0, "max": 1, "axisLabel": {"formatter": "{value}"}},
+        "yAxis": {"type": "value", "min": 0, "max": 1, "splitLine": GRID_LINE},
         "tooltip": {"trigger": "axis"},
         "series": [
             {
@@ -63,37 +66,26 @@ def probability_chart(probabilities: Sequence[float], digit: int) -> dict[str, A
 
 def confusion_chart(confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
     """ECharts heatmap of confusion[true][predicted], true labels down, predictions across."""
-    cells = [[pred, true, int(confusion[true][pred])] for true in range(10) for pred in range(10)]
-    peak = max((c[2] for c in cells), default=0)
+    cells = [
+        {"value": [pred, true, count], "label": {"show": count > 0}}
+        for true in range(10)
+        for pred in range(10)
+        for count in [int(confusion[true][pred])]
+    ]
+    peak = max((c["value"][2] for c in cells), default=0)
     digits = [str(d) for d in range(10)]
+    axis = {"type": "category", "data": digits, "nameLocation": "middle", "splitArea": {"show": True}}
     return {
         "animation": False,
         "tooltip": {"position": "top"},
-        "grid": {"left": 48, "right": 16, "top": 8, "bottom": 64},
-        "xAxis": {
-            "type": "category",
-            "data": digits,
-            "name": "predicted",
-            "nameLocation": "middle",
-            "nameGap": 24,
-        },
-        "yAxis": {
-            "type": "category",
-            "data": digits,
-            "name": "true",
-            "nameLocation": "middle",
-            "nameGap": 28,
-            "inverse": True,
-        },
+        "grid": {"left": 48, "right": 16, "top": 8, "bottom": 48},
+        "xAxis": {**axis, "name": "predicted", "nameGap": 28},
+        "yAxis": {**axis, "name": "true", "nameGap": 32, "inverse": True},
         "visualMap": {
+            "show": False,
             "min": 0,
             "max": max(peak, 1),
-            "calculable": False,
-            "orient": "horizontal",
-            "left": "center",
-            "bottom": 0,
-            "itemHeight": 120,
-            "inRange": {"color": ["#f5f9ff", "#1976d2", "#0d2c66"]},
+            "inRange": {"color": ["#eef4fb", "#1976d2", "#0d2c66"]},
         },
         "series": [{"type": "heatmap", "data": cells, "label": {"show": True}}],
     }
@@ -105,7 +97,7 @@ def per_digit_chart(accuracy: Sequence[float | None]) -> dict[str, Any]:
         "animation": False,
         "grid": {"left": 36, "right": 8, "top": 8, "bottom": 24},
         "xAxis": {"type": "category", "data": [str(d) for d in range(10)]},
-        "yAxis": {"type": "value", "min": 0, "max": 1},
+        "yAxis": {"type": "value", "min": 0, "max": 1, "splitLine": GRID_LINE},
         "tooltip": {"trigger": "axis"},
         "series": [
             {

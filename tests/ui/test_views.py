@@ -48,5 +48,7 @@ def test_charts() -> None:
     confusion = [[0] * 10 for _ in range(10)]
     confusion[7][1] = 4
     heat = views.confusion_chart(confusion)
-    assert [1, 7, 4] in heat["series"][0]["data"] and heat["visualMap"]["max"] == 4
+    cells = {tuple(c["value"]): c["label"]["show"] for c in heat["series"][0]["data"]}
+    assert len(cells) == 100 and cells[(1, 7, 4)] is True and cells[(0, 0, 0)] is False
+    assert heat["visualMap"]["max"] == 4
     assert views.per_digit_chart([None] * 9 + [0.5])["series"][0]["data"][9] == 0.5
