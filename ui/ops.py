@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from db.store import DatabaseUnavailable
+from db.store import StoreError
 
 from .service import PredictionService
 
@@ -44,8 +44,9 @@ def build_router(service: PredictionService) -> APIRouter:
 
 
 async def database_ready(service: PredictionService) -> tuple[bool, str]:
+    """`Store.ping` within 2 s (it returns False rather than raising when the server is down)."""
     try:
-        await asyncio.wait_for(service.store.ping(), timeout=2.0)
-    except (DatabaseUnavailable, TimeoutError) as exc:
-        return False, f"unreachable: {exc}" if str(exc) else "unreachable"
-    return True, "reachable"
+        reachable = await asyncio.wait_for(service.store.ping(), timeout=2.0)
+    except (StoreError, TimeoutError) as exc:
+        return False, f"unreachable: {exc or type(exc).__name__}"
+    return (True, "reachable") if reachable else (False, "unreachable")

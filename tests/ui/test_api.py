@@ -122,7 +122,8 @@ async def test_database_down_prediction_kept_then_stored(sim_db: Simulated, post
         assert response.status_code == 202, response.text
         body = response.json()
         assert body["stored"] is False and body["id"] is None and body["digit"] == 0
-        assert (await sim_db.client.get("/api/stats")).status_code == 503
+        stats_down = await sim_db.client.get("/api/stats")
+        assert stats_down.status_code == 503, stats_down.text
         ready = await sim_db.client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["database"]["ready"] is False
         assert ready.json()["waiting_to_store"] == 1
