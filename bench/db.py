@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import logging
 import os
 import random
 import shutil
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
-from db.store import NewPrediction, Store
+from db.store import DatabaseUnavailable, NewPrediction, Store
 
 TARGET_WRITES_PER_S = 1000
 TARGET_STATS_MS = 50
@@ -69,7 +70,7 @@ def sample(rng: random.Random, png: bytes) -> NewPrediction:
 async def writes_per_second(url: str, n: int, concurrency: int, pngs: list[bytes]) -> float:
     rng = random.Random(1)
     items = [sample(rng, pngs[i % len(pngs)]) for i in range(n)]
-    async with await Store.open(url, max_size=max(concurrency, 1)) as store:
+    async with await Store.open(url) as store:  # the default pool of 8
         await store.record_prediction(items[0])  # warm the pool
         queue = iter(items)
 
@@ -136,7 +137,7 @@ def run(url: str, args: argparse.Namespace) -> None:
     rng = random.Random(0)
     pngs = [canvas_png(rng) for _ in range(20)]
     print(f"PNG sizes: median {statistics.median(map(len, pngs)):.0f} bytes")
-    for concurrency in (1, 8):
+    for concurrency in (1, 8, 64):
         rate = asyncio.run(writes_per_second(url, args.writes, concurrency, pngs))
         print(
             f"record_prediction, {concurrency} concurrent: {rate:,.0f}/s "
@@ -168,7 +169,32 @@ def full_scan_ms(url: str, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+async def outage(server: EmbeddedPostgres, url: str, pngs: list[bytes]) -> tuple[float, float]:
+    """Median ms for a call to fail while the server is down; s until the first write after restart."""
+    rng = random.Random(3)
+    async with await Store.open(url) as store:
+        await asyncio.gather(*(store.record_prediction(sample(rng, pngs[0])) for _ in range(8)))
+        server.stop()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            try:
+                await store.stats()
+            except DatabaseUnavailable:
+                times.append((time.perf_counter() - t0) * 1000)
+        server.start()
+        t0 = time.perf_counter()
+        while True:
+            try:
+                await store.record_prediction(sample(rng, pngs[0]))
+                break
+            except DatabaseUnavailable:
+                await asyncio.sleep(0.05)
+        return statistics.median(times), time.perf_counter() - t0
+
+
 def main() -> None:
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # the outage's expected warnings
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--rows", type=int, default=100_000)
@@ -187,9 +213,13 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     try:
-        with EmbeddedPostgres(tmp / "postgres") as url:
+        server = EmbeddedPostgres(tmp / "postgres")
+        with server as url:
             print("embedded PostgreSQL, default settings (fsync on)")
             run(url, args)
+            fail_ms, back_s = asyncio.run(outage(server, url, [canvas_png(random.Random(0))]))
+            print(f"server down: each call fails in {fail_ms:.1f} ms (median of 5) with DatabaseUnavailable")
+            print(f"server restarted: first write succeeded {back_s:.2f} s after start() returned")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

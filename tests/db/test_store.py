@@ -209,6 +209,19 @@ async def test_concurrent_writes(store: Store) -> None:
     ids = await asyncio.gather(*(store.record_prediction(prediction(seed=i)) for i in range(40)))
     assert len(set(ids)) == 40
     assert (await store.stats()).total == 40
+    for i, pid in enumerate(ids):  # each caller got the id of its own row
+        assert await store.image_png(pid) == drawing_png(i)
+
+
+async def test_a_row_the_database_rejects_fails_alone(store: Store, monkeypatch) -> None:
+    monkeypatch.setattr("db.store.validate_prediction", lambda p: None)  # reach the CHECK constraints
+    items = [prediction(seed=i) for i in range(6)]
+    items[2] = prediction(digit=10)
+    items[4] = prediction(confidence=1.5)
+    results = await asyncio.gather(*(store.record_prediction(p) for p in items), return_exceptions=True)
+    assert [type(r) for r in results] == [int, int, InvalidPrediction, int, InvalidPrediction, int]
+    assert "predictions_digit_range" in str(results[2])
+    assert [r.id for r in reversed(await store.recent())] == [results[i] for i in (0, 1, 3, 5)]
 
 
 @pytest.mark.slow
@@ -239,6 +252,10 @@ async def test_database_down_then_back(postgres, db_url: str) -> None:
                 await store.stats()
             with pytest.raises(DatabaseUnavailable):
                 await store.recent()
+            results = await asyncio.gather(
+                *(store.record_prediction(prediction(seed=i)) for i in range(5)), return_exceptions=True
+            )
+            assert all(isinstance(r, DatabaseUnavailable) for r in results)
             assert await store.ping() is False
         finally:
             postgres.start()
