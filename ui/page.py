@@ -41,6 +41,7 @@ class DigitPage:
         self.preview_seq = 0
         self.busy = False
         self.saving = False
+        self.stats_version: str | None = None  # statistics of one model version; None: all
         self.history_cursors: list[int | None] = [None]  # before_id of each page shown so far
         self.seen_version = -1
 
@@ -349,6 +350,10 @@ class DigitPage:
             if not item["stored"]:
                 ui.badge("not saved yet", color="warning")
 
+    def choose_version(self, event: Any) -> None:
+        self.stats_version = event.value or None
+        self.statistics.refresh()
+
     @ui.refreshable_method
     async def statistics(self) -> None:
         try:
@@ -356,28 +361,35 @@ class DigitPage:
         except DatabaseUnavailable:
             ui.label("Statistics are unavailable: the database is unreachable.").classes("text-negative")
             return
+        versions = stats.get("by_version") or {}
+        if self.stats_version not in versions:
+            self.stats_version = None
+        shown = stats if self.stats_version is None else versions[self.stats_version]
         with ui.row().classes("gap-8 items-end"):
             for name, value in (
-                ("predictions", str(stats["total"])),
-                ("labelled", str(stats["labelled"])),
-                ("accuracy on labelled", views.percent(stats["accuracy"])),
+                ("predictions", str(shown["total"])),
+                ("labelled", str(shown["labelled"])),
+                ("accuracy on labelled", views.percent(shown["accuracy"])),
             ):
+                key = f"stat-{name.split()[0]}"
                 with ui.column().classes("gap-0"):
-                    ui.label(value).classes("text-h4").props(f"data-testid=stat-{name.split()[0]}").mark(
-                        f"stat-{name.split()[0]}"
-                    )
+                    ui.label(value).classes("text-h4").props(f"data-testid={key}").mark(key)
                     ui.label(name).classes("text-caption text-grey")
+            if len(versions) > 1:
+                options = {"": "all model versions", **{v: f"model version {v}" for v in versions}}
+                ui.select(options, value=self.stats_version or "", on_change=self.choose_version).props(
+                    "dense outlined"
+                ).classes("min-w-[200px]")
             ui.button(
-                "Download labelled drawings", icon="download", on_click=lambda: ui.navigate.to("/api/export")
+                "Download labelled drawings", icon="download", on_click=lambda: ui.download("/api/export")
             ).props("outline")
         with ui.row().classes("w-full gap-6 no-wrap max-md:flex-wrap"):
             with ui.column().classes("grow min-w-[280px]"):
                 ui.label("Accuracy per true digit").classes("text-subtitle2")
-                ui.echart(views.per_digit_chart(per_digit_accuracy(stats))).classes("w-full h-48")
+                ui.echart(views.per_digit_chart(per_digit_accuracy(shown))).classes("w-full h-48")
             with ui.column().classes("grow min-w-[280px]"):
                 ui.label("Confusion matrix (rows: true, columns: predicted)").classes("text-subtitle2")
-                ui.echart(views.confusion_chart(stats["confusion"])).classes("w-full h-80")
-        versions = stats.get("by_version") or {}
+                ui.echart(views.confusion_chart(shown["confusion"])).classes("w-full h-80")
         if versions:
             ui.label("Per model version").classes("text-subtitle2")
             ui.table(

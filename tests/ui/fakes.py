@@ -43,6 +43,7 @@ class FakeModel:
 
     down: bool = False
     calls: int = 0
+    version: str = "1.0"
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
@@ -63,7 +64,7 @@ class FakeModel:
             "confidence": 0.91,
             "probabilities": probabilities,
             "input": pixels.reshape(-1).tolist(),
-            "model_version": "1.0",
+            "model_version": self.version,
         }
         return httpx.Response(200, content=json.dumps(body), headers={"content-type": "application/json"})
 

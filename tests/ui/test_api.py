@@ -142,3 +142,33 @@ async def test_openapi_documents_the_api(sim_db: Simulated) -> None:
     for path in ("/api/predictions", "/api/predictions/{prediction_id}/label", "/api/stats", "/readyz"):
         assert path in paths
     assert "image/png" in paths["/api/predictions"]["post"]["requestBody"]["content"]
+
+
+async def test_health_and_metrics(sim_db: Simulated) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (
+        value("digit_ui_predictions_total", stored="true"),
+        value("digit_ui_errors_total", kind="invalid_input"),
+        value("digit_ui_feedback_total", correct="unknown"),
+        value("digit_ui_prediction_latency_seconds_count"),
+    )
+    assert (await sim_db.client.get("/healthz")).json() == {"status": "ok"}
+    ready = await sim_db.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    prediction_id = (await post_png(sim_db, digit_png("one")))["id"]
+    await sim_db.client.put(f"/api/predictions/{prediction_id}/label", json={"label": 1})
+    await sim_db.client.post("/api/predictions", content=b"not an image")
+    after = (
+        value("digit_ui_predictions_total", stored="true"),
+        value("digit_ui_errors_total", kind="invalid_input"),
+        value("digit_ui_feedback_total", correct="unknown"),
+        value("digit_ui_prediction_latency_seconds_count"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
+    text = (await sim_db.client.get("/metrics")).text
+    for name in ("predictions_total", "errors_total", "feedback_total", "prediction_latency_seconds_bucket"):
+        assert f"digit_ui_{name}" in text

@@ -118,3 +118,34 @@ async def test_keyboard_label_enter_and_escape(sim: Simulated) -> None:
     press(sim, "Escape", "Escape")
     await eventually(lambda: canvas.png is None)
     await sim.user.should_see("Draw a digit and press Predict.")
+
+
+async def test_statistics_per_model_version_and_download(sim: Simulated) -> None:
+    for version, kind, label in (("1.0", "one", 1), ("1.0", "zero", 8), ("2.0", "one", 1)):
+        sim.model.version = version
+        outcome = await sim.service.predict(digit_png(kind))
+        await sim.service.label(outcome, label)
+    await sim.user.open("/")
+    await sim.user.should_see(marker="stat-predictions", content="3")
+    await sim.user.should_see(marker="stat-accuracy", content="66.7 %")
+    sim.user.find(kind=ui.select).click()
+    sim.user.find("model version 2.0").click()
+    await sim.user.should_see(marker="stat-predictions", content="1")
+    await sim.user.should_see(marker="stat-accuracy", content="100.0 %")
+    sim.user.find("Download labelled drawings").click()
+    response = await sim.user.download.next()
+    assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+
+
+async def test_history_pages(sim: Simulated) -> None:
+    for _ in range(12):
+        await sim.service.predict(digit_png("one"))
+    await sim.service.predict(digit_png("zero"))
+    await sim.user.open("/")
+    await sim.user.should_see("predicted 0")
+    assert len(sim.user.find(marker="history-row").elements) == 10
+    sim.user.find("Older").click()
+    await sim.user.should_not_see("predicted 0")
+    assert len(sim.user.find(marker="history-row").elements) == 3
+    sim.user.find("Newer").click()
+    await sim.user.should_see("predicted 0")
