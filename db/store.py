@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,8 +22,22 @@ from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool
 
 from db.export import ExportRow, build_export
+from db.stats import DigitStats, Stats, compute_stats
 
-DIGITS = range(10)
+__all__ = [  # the statistics types live in db.stats; they are part of this module's interface
+    "DatabaseUnavailable",
+    "DigitStats",
+    "InvalidLabel",
+    "InvalidPrediction",
+    "NewPrediction",
+    "PredictionNotFound",
+    "PredictionRow",
+    "Stats",
+    "Store",
+    "StoreError",
+    "compute_stats",
+]
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 2_000_000  # also a CHECK constraint in the schema
 INPUT_PIXELS = 28 * 28
@@ -90,40 +104,6 @@ class PredictionRow:
         return None if self.true_label is None else self.true_label == self.digit
 
 
-@dataclass(frozen=True)
-class DigitStats:
-    """One digit: how often it was predicted, and how often drawings labelled with it were recognised."""
-
-    digit: int
-    predicted: int  # predictions of this digit (all rows)
-    labelled: int  # rows whose true label is this digit
-    correct: int  # ... of which predicted as this digit
-    accuracy: float | None  # correct / labelled (recall); None when nothing is labelled with it
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Totals, accuracy on labelled rows, per-digit figures and the confusion matrix [true][predicted].
-
-    `by_version` maps each model version to the same figures for its rows only (their own
-    `by_version` is empty).
-    """
-
-    total: int
-    labelled: int
-    correct: int
-    accuracy: float | None
-    per_digit: list[DigitStats]
-    confusion: list[list[int]]
-    by_version: dict[str, Stats] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data."""
-        data = asdict(self)
-        data["by_version"] = {version: stats.to_dict() for version, stats in self.by_version.items()}
-        return data
-
-
 # -- pure logic ------------------------------------------------------------------------------------
 def validate_prediction(p: NewPrediction) -> None:
     """Raise InvalidPrediction with a clear message if `p` breaks a rule of the schema."""
@@ -169,46 +149,6 @@ def validate_id(prediction_id: object) -> int:
     ):
         raise PredictionNotFound(f"no prediction with id {prediction_id!r}")
     return prediction_id
-
-
-def compute_stats(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
-    """Stats from (model_version, true_label or None, predicted digit, count) groups."""
-    groups = list(groups)
-    versions = sorted({version for version, *_ in groups})
-    overall = _stats_of(groups)
-    by_version = {v: _stats_of(g for g in groups if g[0] == v) for v in versions}
-    return replace(overall, by_version=by_version)
-
-
-def _stats_of(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
-    confusion = [[0] * 10 for _ in DIGITS]
-    predicted = [0] * 10
-    total = 0
-    for _version, true_label, digit, count in groups:
-        total += count
-        predicted[digit] += count
-        if true_label is not None:
-            confusion[true_label][digit] += count
-    labelled = sum(map(sum, confusion))
-    correct = sum(confusion[d][d] for d in DIGITS)
-    per_digit = [
-        DigitStats(
-            digit=d,
-            predicted=predicted[d],
-            labelled=sum(confusion[d]),
-            correct=confusion[d][d],
-            accuracy=confusion[d][d] / sum(confusion[d]) if sum(confusion[d]) else None,
-        )
-        for d in DIGITS
-    ]
-    return Stats(
-        total=total,
-        labelled=labelled,
-        correct=correct,
-        accuracy=correct / labelled if labelled else None,
-        per_digit=per_digit,
-        confusion=confusion,
-    )
 
 
 def _is_number(x: object) -> bool:
