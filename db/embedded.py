@@ -105,12 +105,13 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Initialise the data directory if needed, start (or adopt) the server, return its URL."""
         with self._lock():
+            self.socket_dir, self.port = socket_dir_for(self.data_dir), PORT
             self._prepare_dirs()
             if not (self.data_dir / "PG_VERSION").exists():
                 self._initdb()
+            self._remove_stale_pid_file()
             owner = self._read_owner()
             if not self.is_running():
-                self.socket_dir, self.port = socket_dir_for(self.data_dir), PORT
                 self._pg_ctl_start()
                 self._owned = True
             else:
@@ -143,10 +144,16 @@ class EmbeddedPostgres:
             self._owned = False
             return
         with self._lock():
-            if self.is_running():
-                self._pg_ctl(["stop", "-m", "fast", "-w", "-t", str(STOP_TIMEOUT_S)], check=False)
+            self._pg_ctl_stop()
             self._write_owner(None)
         self._owned = False
+
+    def _pg_ctl_stop(self) -> None:
+        """Fast shutdown; if that does not finish in time, an immediate one (recovered at next start)."""
+        if self.is_running():
+            stopped = self._pg_ctl(["stop", "-m", "fast", "-w", "-t", str(STOP_TIMEOUT_S)], check=False)
+            if stopped.returncode != 0 and self.is_running():
+                self._pg_ctl(["stop", "-m", "immediate", "-w", "-t", str(STOP_TIMEOUT_S)], check=False)
 
     def is_running(self) -> bool:
         """Whether a server runs on this data directory (`pg_ctl status`)."""
@@ -212,6 +219,24 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else result.stderr
             raise EmbeddedPostgresError(f"could not start PostgreSQL in {self.data_dir}:\n{tail}")
+
+    def _remove_stale_pid_file(self) -> None:
+        """Delete a `postmaster.pid` whose process is gone or is not PostgreSQL (a reused pid).
+
+        PostgreSQL clears a lock file whose pid is dead by itself, but refuses to start while
+        that pid belongs to some other live process.
+        """
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            comm = ""  # no such process
+        if comm != "postgres":
+            pid_file.unlink(missing_ok=True)
 
     def _use_running_socket(self) -> None:
         """Take the socket directory and port from the running server's `postmaster.pid`."""
@@ -321,8 +346,8 @@ def watch(parent_pid: int, data_dir: Path) -> None:
         time.sleep(0.5)
     server = EmbeddedPostgres(data_dir, watchdog=False, handle_sigterm=False)
     with server._lock():
-        if server._read_owner() == parent_pid and server.is_running():
-            server._pg_ctl(["stop", "-m", "fast", "-w", "-t", str(STOP_TIMEOUT_S)], check=False)
+        if server._read_owner() == parent_pid:
+            server._pg_ctl_stop()
             server._write_owner(None)
 
 

@@ -86,6 +86,17 @@ def test_stale_postmaster_pid_is_cleared(pgdata: Path) -> None:
         assert _value(url) == [("before",)]
 
 
+def test_pid_file_naming_another_live_process_is_cleared(pgdata: Path) -> None:
+    other = subprocess.Popen(["sleep", "60"])  # alive, but not PostgreSQL
+    try:
+        (pgdata / "postmaster.pid").write_text(f"{other.pid}\n{pgdata}\n0\n5432\n{pgdata}\n\n  0 0\nready\n")
+        with EmbeddedPostgres(pgdata, watchdog=False) as url:
+            assert _value(url) == [("before",)]
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_server_left_by_a_killed_run_is_adopted(pgdata: Path) -> None:
     proc, url = _child(pgdata, watchdog=False)
     proc.kill()
