@@ -46,16 +46,16 @@ def webp(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def strokes(digit: np.ndarray, height: int, stroke: int = 0) -> Image.Image:
-    """The digit's ink scaled to `height` pixels as solid strokes with soft edges (L, white ink).
+def strokes(digit: np.ndarray, size: int, stroke: int = 0) -> Image.Image:
+    """The digit's ink scaled to fit `size` x `size` pixels as solid strokes with soft edges (L).
 
     `stroke` > 0 thickens the strokes by that many pixels, < 0 thins them.
     """
     ink = Image.fromarray(digit).crop(Image.fromarray(digit).getbbox())
-    width = max(1, round(ink.width * height / ink.height))
-    big = np.asarray(ink.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-    solid = np.clip((big - 0.35) / 0.3, 0.0, 1.0)  # canvas strokes: full ink, a soft edge
-    img = Image.fromarray((solid * 255).astype(np.uint8))
+    scale = size / max(ink.size)
+    resized = ink.resize((round(ink.width * scale), round(ink.height * scale)), Image.Resampling.BICUBIC)
+    solid = np.clip((np.asarray(resized, dtype=np.float32) / 255.0 - 0.35) / 0.3, 0.0, 1.0)
+    img = Image.fromarray((solid * 255).astype(np.uint8))  # canvas strokes: full ink, a soft edge
     if stroke:
         size = 2 * abs(stroke) + 1
         img = img.filter(ImageFilter.MaxFilter(size) if stroke > 0 else ImageFilter.MinFilter(size))
@@ -85,7 +85,7 @@ def dark_on_light(canvas: Image.Image) -> Image.Image:
 RENDITIONS: dict[str, Callable[[np.ndarray], bytes]] = {
     "canvas": lambda d: png(on_canvas(strokes(d, 200))),
     "small": lambda d: png(on_canvas(strokes(d, 56))),
-    "large": lambda d: png(on_canvas(strokes(d, 270))),
+    "large": lambda d: png(on_canvas(strokes(d, 264))),
     "off_centre": lambda d: png(on_canvas(strokes(d, 120), centre=(0.22, 0.75))),
     "thick": lambda d: png(on_canvas(strokes(d, 200, stroke=6))),
     "thin": lambda d: png(on_canvas(strokes(d, 200, stroke=-3))),
