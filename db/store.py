@@ -1,8 +1,9 @@
 """Data access for predictions and labels: psycopg 3, an async connection pool, parameterised SQL only.
 
 Every failure to reach the server (refused, down, restarting, pool exhausted) is raised as
-`DatabaseUnavailable`, quickly (pool timeout of a few seconds); the pool reconnects by itself once
-the server is back, and connections a restart broke are dropped before use.
+`DatabaseUnavailable`: at once when the server is known to be down, at worst after the pool
+timeout (3 s). The pool reconnects by itself once the server is back, and connections a restart
+broke are dropped before use. Other database errors are `StoreError`.
 """
 
 from __future__ import annotations
