@@ -21,6 +21,8 @@ HISTORY_PAGE_SIZE = 10
 MODEL_DOWN = "The model server is not answering. Your drawing is still here; try Predict again in a moment."
 DB_DOWN = "Not saved yet: the database is unreachable. It is kept and saved automatically when it is back."
 
+# No double-tap zoom on controls: a tap right after a stroke must be a click, not a zoom gesture.
+TOUCH_CSS = "button, .q-btn, .q-toggle, .q-tab { touch-action: manipulation; }"
 # Buttons lose focus after a mouse click, so that Enter and the digit keys go to the page's shortcuts.
 BLUR_AFTER_CLICK = """<script>
 document.addEventListener('click', e => {
@@ -49,6 +51,7 @@ class DigitPage:
     async def build(self) -> None:
         """Create the page's elements (in the current page context)."""
         ui.add_body_html(BLUR_AFTER_CLICK)
+        ui.add_css(TOUCH_CSS)
         self.dark = ui.dark_mode(None)
         ui.keyboard(on_key=self.on_key)
         with ui.header().classes("items-center justify-between bg-primary"):

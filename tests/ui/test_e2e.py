@@ -188,3 +188,32 @@ def test_database_down_shows_warning_then_saves(page: Page, postgres, database: 
     prediction_id = saved_id(page)
     assert row(database, prediction_id) == (1, 1)
     time.sleep(0)  # nothing else to wait for: the row is there
+
+
+def test_drawing_with_a_finger(browser: Browser, app: RunningApp) -> None:
+    """Real touch events (Chrome DevTools Protocol) on a phone-sized page: no scrolling, the stroke counts."""
+    context = browser.new_context(viewport={"width": 400, "height": 800}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    try:
+        page.goto(app.url)
+        canvas = page.get_by_test_id("digit-canvas")
+        expect(canvas).to_be_visible()
+        assert canvas.evaluate("el => getComputedStyle(el).touchAction") == "none"
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        assert box is not None
+        x = box["x"] + box["width"] / 2
+        cdp = context.new_cdp_session(page)
+        steps = [box["y"] + box["height"] * (0.2 + 0.6 * i / 12) for i in range(13)]
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": steps[0]}]})
+        for y in steps[1:]:
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)  # the live preview
+        # A finger needs a moment from the canvas to the button; Chrome drops a tap that follows a
+        # touch sequence within a few hundred ms (no click event at all, seen here).
+        page.wait_for_timeout(500)
+        page.get_by_test_id("predict").tap()
+        expect(page.get_by_test_id("status")).to_contain_text("saved as #", timeout=10_000)
+    finally:
+        context.close()
