@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from http import HTTPStatus
 from typing import Any
 
@@ -58,12 +59,33 @@ def prediction_body(digit: np.ndarray, probabilities: list[float], model_version
     }
 
 
+def for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model, faster on CPU: BatchNorm folded into the convolutions, channels-last memory.
+
+    About 1.5x faster at batch 1 to 32 on this machine (bench/serve.py); a model that cannot be
+    traced is kept as it is.
+    """
+    model.eval()
+    try:
+        with warnings.catch_warnings():  # the module touches deprecated torch.jit APIs on import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.fx.experimental.optimization import fuse
+
+        model = fuse(model)
+    except Exception:  # tracing failed: run the model unfused
+        logger.warning(
+            "could not fold BatchNorm into the convolutions; serving the model as it is", exc_info=True
+        )
+    return model.to(memory_format=torch.channels_last)
+
+
 class MnistHandler(BaseHandler):
     """Canvas-robust MNIST classification with per-request 4xx errors."""
 
     def initialize(self, context: Any) -> None:
-        """Load the model (BaseHandler) and read the version and the input limits."""
+        """Load the model (BaseHandler), speed it up, read the version and the input limits."""
         super().initialize(context)
+        self.model = for_inference(self.model)
         self.model_version = str(context.manifest.get("model", {}).get("modelVersion", "unknown"))
         self.max_bytes = int(os.environ.get("MAX_UPLOAD_BYTES", pp.DEFAULT_MAX_BYTES))
         self.max_pixels = int(os.environ.get("MAX_IMAGE_PIXELS", pp.DEFAULT_MAX_PIXELS))
@@ -76,6 +98,7 @@ class MnistHandler(BaseHandler):
     def predict(self, digits: list[np.ndarray]) -> list[list[float]]:
         """A batch of 28x28 digits -> softmax probabilities."""
         batch = torch.from_numpy(pp.normalize(np.stack(digits))).unsqueeze(1).to(self.device)
+        batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return torch.softmax(self.model(batch), dim=1).tolist()
 

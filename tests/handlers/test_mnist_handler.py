@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.preprocess import preprocess
+from handlers.preprocess import normalize, preprocess
 from tests.handlers.renditions import RENDITIONS, png, read_mnist_test, render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,6 +110,21 @@ def test_a_mixed_batch_answers_each_request_on_its_own(unpacked_handler, sample)
     for i in (1, 2, 3, 5):
         assert bodies[i]["code"] == statuses[i] and bodies[i]["message"]
     assert all(context.get_response_content_type(i) == "application/json" for i in range(len(requests)))
+
+
+def test_the_sped_up_model_gives_the_plain_models_answers(unpacked_handler, sample):
+    import torch
+
+    handler, _, manifest = unpacked_handler
+    model_dir = Path(handler.model_pt_path).parent
+    plain = sys.modules["model"].Net()
+    plain.load_state_dict(torch.load(model_dir / manifest["model"]["serializedFile"], map_location="cpu"))
+    plain.eval()
+    images, _ = sample
+    digits = [preprocess(png(Image.fromarray(image))) for image in images[:32]]
+    with torch.inference_mode():
+        expected = torch.softmax(plain(torch.from_numpy(normalize(np.stack(digits))).unsqueeze(1)), dim=1)
+    np.testing.assert_allclose(handler.predict(digits), expected.numpy(), atol=1e-4)
 
 
 # --- through TorchServe -----------------------------------------------------------------------
