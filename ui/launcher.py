@@ -9,6 +9,8 @@
 - One at a time: an exclusive lock on `run_dir/ui.lock` (released by the OS if the process dies);
   a second run says who holds it and exits with status 1. A busy UI port also exits with 1.
 - Ctrl-C or SIGTERM stops the UI, then what this run started, in reverse order.
+- A part that cannot start (database, migrations, TorchServe) ends the run with its message and
+  status 1, after stopping what was already started.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import IO
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 
 from settings import Settings, get_settings
 
 EXIT_ALREADY_RUNNING = 1
+EXIT_FAILED = 1
 
 
 class AlreadyRunning(RuntimeError):
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
+    except (RuntimeError, psycopg.OperationalError) as exc:  # database, migrations or TorchServe
+        print(f"make run: could not start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         pass
     say("stopped.")

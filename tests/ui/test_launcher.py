@@ -130,3 +130,17 @@ def test_sigterm_stops_the_ui_and_a_busy_port_is_refused(tmp_path: Path, postgre
         assert ready.status_code == 503 and not ready.json()["model"]["ready"]
         assert ready.json()["database"]["ready"]
     # run_app sent SIGTERM and checked the exit status 0
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    env = app_env(tmp_path, free_port(), DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    result = subprocess.run(
+        [sys.executable, "-m", "ui", "--no-torchserve"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "make run: could not start:" in result.stderr and "Traceback" not in result.stderr
