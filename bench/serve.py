@@ -128,14 +128,15 @@ class Floor:
         sys.path.insert(0, str(workdir))
         self.pp = importlib.import_module("preprocess")
         net_module = importlib.import_module(Path(manifest["model"]["modelFile"]).stem)
-        self.model = net_module.Net()
-        state = torch.load(workdir / manifest["model"]["serializedFile"], map_location="cpu")
-        self.model.load_state_dict(state)
-        self.model.eval()
+        handler = importlib.import_module(Path(manifest["model"]["handler"]).stem)
+        model = net_module.Net()
+        model.load_state_dict(torch.load(workdir / manifest["model"]["serializedFile"], map_location="cpu"))
+        self.model = handler.for_inference(model)  # exactly what the handler runs
 
     def predict(self, bodies: list[bytes]) -> list[int]:
         digits = np.stack([self.pp.preprocess(b) for b in bodies])
         batch = torch.from_numpy(self.pp.normalize(digits)).unsqueeze(1)
+        batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return torch.softmax(self.model(batch), dim=1).argmax(1).tolist()
 
@@ -214,8 +215,8 @@ def report_matrix(config: ServeConfig, body: bytes, seconds: float) -> None:
     """Throughput of other worker / batch settings (the default model is scaled to 0 meanwhile)."""
     management = config.management_url
     print("\nsettings matrix (predictions/s)      8 clients   32 clients")
-    for workers, batch, delay in ((1, 1, 0), (1, 8, 5), (1, 16, 5), (2, 1, 0), (2, 8, 5)):
-        name = f"mnist_w{workers}_b{batch}"
+    for workers, batch, delay in ((1, 1, 0), (1, 8, 1), (1, 8, 5), (1, 32, 1), (2, 1, 0), (2, 8, 1)):
+        name = f"mnist_w{workers}_b{batch}_d{delay}"
         variant = register_variant(config, name, workers, batch, delay)
         scale = {"min_worker": 0, "max_worker": 0, "synchronous": "true"}
         httpx.put(f"{management}/models/mnist", params=scale, timeout=120)

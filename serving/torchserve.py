@@ -212,16 +212,17 @@ def model_status(management_url: str, model_name: str, timeout: float = 5.0) -> 
 
 
 def is_ready(management_url: str, model_name: str) -> bool:
-    """True when a worker of the model's default version is READY."""
+    """True when every worker of the model's default version is READY."""
     try:
         versions = model_status(management_url, model_name)
     except (httpx.HTTPError, ValueError):
         return False
-    return any(w.get("status") == "READY" for v in versions for w in v.get("workers", []))
+    workers = [w for v in versions for w in v.get("workers", [])]
+    return bool(workers) and all(w.get("status") == "READY" for w in workers)
 
 
 def wait_ready(config: ServeConfig, timeout: float = START_TIMEOUT_S, pid: int | None = None) -> None:
-    """Return once the model has a READY worker; raise `ServeError` on timeout or if TorchServe exits.
+    """Return once the model's workers are READY; raise `ServeError` on timeout or if TorchServe exits.
 
     `/ping` is not enough: it is healthy before any worker has loaded the model.
     """

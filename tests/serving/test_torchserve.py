@@ -124,7 +124,8 @@ def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
         response = httpx.post(f"{config.inference_url}/predictions/mnist", content=digit[0], timeout=30)
         assert response.status_code == 200 and response.json()["digit"] == digit[1]
         status = run_cli("status", config)
-        assert status.returncode == 0 and json.loads(status.stdout)["models"][0]["workers"] == ["READY"]
+        workers = json.loads(status.stdout)["models"][0]["workers"]
+        assert status.returncode == 0 and workers == ["READY"] * tuning()[1]["minWorkers"]
         again = run_cli("start", config)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
@@ -140,30 +141,41 @@ def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
 # --- management API -------------------------------------------------------------------------
 
 
+def tuning() -> tuple[str, dict]:
+    """The mnist model's version and settings in config.properties (`models=`)."""
+    line = next(x for x in (ROOT / "config.properties").read_text().splitlines() if x.startswith("models="))
+    ((version, settings),) = json.loads(line.removeprefix("models="))["mnist"].items()
+    return version, settings
+
+
 def test_describe_shows_the_tuned_model(torchserve):
+    """config.properties' worker and batch settings apply (they are keyed by the archive's version)."""
     (model,) = describe(torchserve)
-    assert model["modelName"] == "mnist"
-    assert model["batchSize"] == 8 and model["maxBatchDelay"] == 5
-    assert [w["status"] for w in model["workers"]] == ["READY"]
+    version, tuned = tuning()
+    assert (model["modelName"], model["modelVersion"]) == ("mnist", version)
+    assert (model["batchSize"], model["maxBatchDelay"]) == (tuned["batchSize"], tuned["maxBatchDelay"])
+    assert [w["status"] for w in model["workers"]] == ["READY"] * tuned["minWorkers"]
 
 
-def test_scale_workers_up_and_down(torchserve, digit):
+def test_scale_workers_down_and_up(torchserve, digit):
     url = f"{torchserve.management_url}/models/{torchserve.model_name}"
+    configured = tuning()[1]["minWorkers"]
     try:
-        response = httpx.put(
-            url, params={"min_worker": 2, "max_worker": 2, "synchronous": "true"}, timeout=120
-        )
-        assert response.status_code == 200, response.text
-        workers = describe(torchserve)[0]["workers"]
-        assert len(workers) == 2 and all(w["status"] == "READY" for w in workers)
-        answers = [httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30) for _ in range(4)]
-        assert all(a.status_code == 200 and a.json()["digit"] == digit[1] for a in answers)
+        for count in (1, 3):
+            scale = {"min_worker": count, "max_worker": count, "synchronous": "true"}
+            response = httpx.put(url, params=scale, timeout=120)
+            assert response.status_code == 200, response.text
+            workers = describe(torchserve)[0]["workers"]
+            assert [w["status"] for w in workers] == ["READY"] * count
+            answers = [
+                httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30) for _ in range(4)
+            ]
+            assert all(a.status_code == 200 and a.json()["digit"] == digit[1] for a in answers)
     finally:
-        response = httpx.put(
-            url, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120
-        )
+        scale = {"min_worker": configured, "max_worker": configured, "synchronous": "true"}
+        response = httpx.put(url, params=scale, timeout=120)
     assert response.status_code == 200, response.text
-    assert len(describe(torchserve)[0]["workers"]) == 1
+    assert len(describe(torchserve)[0]["workers"]) == configured
 
 
 def build_version(torchserve, version: str) -> str:
