@@ -160,7 +160,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     ) -> HistoryPage:
         """Stored predictions, newest first; page with `before_id`."""
         try:
-            rows = await service.store.recent(limit, before_id)
+            rows = await service.db.recent(limit, before_id)
         except DatabaseUnavailable as exc:
             raise database_down() from exc
         items = [
@@ -186,7 +186,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     async def prediction_image(prediction_id: int) -> Response:
         """The drawing as it was sent."""
         try:
-            png = await service.store.image_png(prediction_id)
+            png = await service.db.image_png(prediction_id)
         except PredictionNotFound as exc:
             raise HTTPException(404, f"no prediction with id {prediction_id}") from exc
         except DatabaseUnavailable as exc:
@@ -197,7 +197,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     async def stats() -> dict[str, Any]:
         """Counts; accuracy on labelled drawings overall, per digit, per model version; confusion matrix."""
         try:
-            return (await service.store.stats()).to_dict()
+            return (await service.db.stats()).to_dict()
         except DatabaseUnavailable as exc:
             raise database_down() from exc
 
@@ -205,7 +205,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     async def export() -> Response:
         """The labelled drawings: a zip with labels.csv and the PNGs."""
         try:
-            data = await service.store.export_labelled()
+            data = await service.db.export_labelled()
         except DatabaseUnavailable as exc:
             raise database_down() from exc
         return Response(

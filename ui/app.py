@@ -12,7 +12,7 @@ from nicegui import app, ui
 from db.store import Store
 from settings import Settings
 
-from . import api, ops
+from . import api, ops, spill
 from .inference import InferenceClient
 from .page import DigitPage
 from .service import PredictionService
@@ -46,10 +46,18 @@ def create_app(
         inference = InferenceClient(
             settings.inference_url, settings.model_name, settings.management_url, settings.inference_timeout_s
         )
-    service = PredictionService(store, inference, max_image_bytes=settings.max_upload_bytes)  # type: ignore[arg-type]
+    service = PredictionService(store, inference, max_image_bytes=settings.max_upload_bytes)
     tasks: list[asyncio.Task[None]] = []
+    spill_file = settings.run_dir / "unsaved.jsonl"
 
-    async def startup() -> None:
+    async def startup() -> None:  # NiceGUI runs it as a task: requests may come first (see `service.db`)
+        outcomes, labels = spill.load(spill_file)
+        if outcomes or labels:
+            for outcome in outcomes:
+                service.pending[outcome.key] = outcome
+            service.pending_labels.update(labels)
+            spill_file.unlink()
+            log.warning("%d unsaved predictions/labels from the last run will be stored", service.waiting)
         if service.store is None:
             url = database_url or settings.database_url
             if url is None:
@@ -65,7 +73,10 @@ def create_app(
         with contextlib.suppress(Exception):
             await service.flush()  # a last try to store what waits
         if service.waiting:
-            log.error("%d predictions/labels could not be stored before shutdown", service.waiting)
+            count = spill.save(spill_file, list(service.pending.values()), service.pending_labels)
+            log.warning(
+                "database unreachable: %d unsaved records kept in %s for the next start", count, spill_file
+            )
         if store is None and service.store is not None:
             await service.store.close()
         if inference_owned:

@@ -46,7 +46,7 @@ def build_router(service: PredictionService) -> APIRouter:
 async def database_ready(service: PredictionService) -> tuple[bool, str]:
     """`Store.ping` within 2 s (it returns False rather than raising when the server is down)."""
     try:
-        reachable = await asyncio.wait_for(service.store.ping(), timeout=2.0)
+        reachable = await asyncio.wait_for(service.db.ping(), timeout=2.0)
     except (StoreError, TimeoutError) as exc:
         return False, f"unreachable: {exc or type(exc).__name__}"
     return (True, "reachable") if reachable else (False, "unreachable")

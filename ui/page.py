@@ -319,7 +319,7 @@ class DigitPage:
         before_id = self.history_cursors[-1]
         waiting = list(self.service.pending.values()) if before_id is None else []
         try:
-            rows = await self.service.store.recent(HISTORY_PAGE_SIZE, before_id)
+            rows = await self.service.db.recent(HISTORY_PAGE_SIZE, before_id)
         except DatabaseUnavailable:
             ui.label("History is unavailable: the database is unreachable.").classes("text-negative")
             rows = []
@@ -360,7 +360,7 @@ class DigitPage:
     @ui.refreshable_method
     async def statistics(self) -> None:
         try:
-            stats = (await self.service.store.stats()).to_dict()
+            stats = (await self.service.db.stats()).to_dict()
         except DatabaseUnavailable:
             ui.label("Statistics are unavailable: the database is unreachable.").classes("text-negative")
             return

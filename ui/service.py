@@ -68,14 +68,14 @@ class PredictionService:
 
     def __init__(
         self,
-        store: Store,
+        store: Store | None,
         inference: InferenceClient,
         *,
         max_image_bytes: int = 2_000_000,
         retry_interval_s: float = 2.0,
         max_pending: int = 10_000,
     ) -> None:
-        self.store = store
+        self.store = store  # None until the app's startup has opened it
         self.inference = inference
         self.max_image_bytes = max_image_bytes
         self.retry_interval_s = retry_interval_s
@@ -84,6 +84,13 @@ class PredictionService:
         self.pending_labels: dict[int, int] = {}  # stored prediction id -> label not stored yet
         self.version = 0  # bumped whenever stored data changes, so pages know to refresh
         self._flush_lock = asyncio.Lock()
+
+    @property
+    def db(self) -> Store:
+        """The store; `DatabaseUnavailable` while it is not open yet (the first instants after start)."""
+        if self.store is None:
+            raise DatabaseUnavailable("database unavailable: still connecting")
+        return self.store
 
     async def predict(self, image: bytes) -> Outcome:
         """Answer one image and try to store it (see `answer` and `save`)."""
@@ -129,7 +136,7 @@ class PredictionService:
 
     async def _record(self, outcome: Outcome) -> None:
         """Insert the row, then its label if one was given meanwhile (kept for later if that fails)."""
-        outcome.id = await self.store.record_prediction(new_prediction(outcome, self.inference.model_name))
+        outcome.id = await self.db.record_prediction(new_prediction(outcome, self.inference.model_name))
         if outcome.label is not None:
             await self._store_label(outcome.id, outcome.label, outcome)
 
@@ -157,7 +164,7 @@ class PredictionService:
 
     async def _store_label(self, prediction_id: int, label: int, outcome: Outcome | None) -> bool:
         try:
-            await self.store.set_label(prediction_id, label)
+            await self.db.set_label(prediction_id, label)
         except DatabaseUnavailable as exc:
             metrics.ERRORS.labels("database_unavailable").inc()
             log.warning("label kept in memory until the database is back: %s", exc)
@@ -192,7 +199,7 @@ class PredictionService:
                 stored += 1
             for prediction_id, label in list(self.pending_labels.items()):
                 try:
-                    await self.store.set_label(prediction_id, label)
+                    await self.db.set_label(prediction_id, label)
                 except DatabaseUnavailable:
                     return self._flushed(stored)
                 except PredictionNotFound:

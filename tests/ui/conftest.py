@@ -6,6 +6,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,7 +38,7 @@ class Simulated:
 
 
 @asynccontextmanager
-async def simulate(store: Any, model: FakeModel) -> AsyncIterator[Simulated]:
+async def simulate(store: Any, model: FakeModel, run_dir: Path) -> AsyncIterator[Simulated]:
     """Like nicegui.testing's `user` fixture, with the app built by `create_app` on `store` and `model`."""
     transport = model.transport()
     inference = InferenceClient("http://model.test", management_url="http://model.test", transport=transport)
@@ -45,7 +46,7 @@ async def simulate(store: Any, model: FakeModel) -> AsyncIterator[Simulated]:
         os.environ["NICEGUI_USER_SIMULATION"] = "true"
         try:
             prepare_simulation()
-            service = create_app(Settings(), store=store, inference=inference)
+            service = create_app(Settings(run_dir=run_dir), store=store, inference=inference)
             service.retry_interval_s = 0.05
             ui.run(storage_secret="simulated secret", **UI_OPTIONS)
             async with core.app.router.lifespan_context(core.app):
@@ -69,16 +70,16 @@ def assert_no_error_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.fixture
-async def sim(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Simulated]:
+async def sim(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> AsyncIterator[Simulated]:
     """The app on an in-memory store and a fake model server."""
-    async with simulate(FakeStore(), FakeModel()) as simulated:
+    async with simulate(FakeStore(), FakeModel(), tmp_path) as simulated:
         yield simulated
     assert_no_error_logs(caplog)
 
 
 @pytest.fixture
-async def sim_db(store: Store, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Simulated]:
+async def sim_db(store: Store, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> AsyncIterator[Simulated]:
     """The app on a real PostgreSQL (a fresh migrated database) and a fake model server."""
-    async with simulate(store, FakeModel()) as simulated:
+    async with simulate(store, FakeModel(), tmp_path) as simulated:
         yield simulated
     assert_no_error_logs(caplog)

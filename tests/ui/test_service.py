@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.ui.fakes import FakeModel, FakeStore, digit_png
@@ -56,3 +58,24 @@ def test_check_label() -> None:
     for bad in (-1, 10, True, "3", 2.0, None):
         with pytest.raises(ValueError, match="0 to 9"):
             check_label(bad)
+
+
+async def test_what_waits_survives_a_restart_through_the_spill_file(tmp_path) -> None:
+    """Database down at shutdown: the app writes what waits to run_dir and stores it after the next start."""
+    from tests.ui.conftest import simulate
+
+    store, model = FakeStore(down=True), FakeModel()
+    async with simulate(store, model, tmp_path) as first:
+        outcome = await first.service.predict(digit_png("zero"))
+        await first.service.label(outcome, 9)
+        assert first.service.waiting == 1
+    assert (tmp_path / "unsaved.jsonl").exists() and not store.rows
+    store.down = False
+    async with simulate(store, model, tmp_path) as second:
+        for _ in range(100):  # startup runs as a task: reads the file, then the retry loop stores
+            if not (tmp_path / "unsaved.jsonl").exists() and not second.service.waiting:
+                break
+            await asyncio.sleep(0.05)
+    assert [(p.digit, label) for p, label, _ in store.rows.values()] == [(0, 9)]
+    assert store.rows[1][0].image_png == digit_png("zero")
+    assert not (tmp_path / "unsaved.jsonl").exists()
