@@ -189,17 +189,17 @@ def busy_ports(config: ServeConfig) -> list[str]:
 
 
 def read_pid(config: ServeConfig) -> int | None:
-    """The pid of our running TorchServe, or None (a stale pid file is removed)."""
+    """The pid (= process group id) of our running TorchServe, or None.
+
+    Running means some process of the group is still one of TorchServe's (the launcher, the Java
+    frontend or a worker, even if the launcher died). Otherwise a stale pid file is removed.
+    """
     try:
         pid = int(config.pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() != psutil.STATUS_ZOMBIE and LAUNCHER in " ".join(proc.cmdline()):
-            return pid
-    except psutil.Error:
-        pass
+    if _group(pid):
+        return pid
     config.pid_file.unlink(missing_ok=True)
     return None
 
@@ -281,11 +281,7 @@ def stop(config: ServeConfig | None = None, timeout: float = 30.0) -> bool:
     pid = read_pid(config)
     if pid is None:
         return False
-    try:
-        leader = psutil.Process(pid)
-        procs = [leader, *leader.children(recursive=True)]
-    except psutil.Error:
-        procs = []
+    procs = _group(pid)
     _signal_group(pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     if alive:
@@ -335,6 +331,23 @@ def log_tail(config: ServeConfig, lines: int = 30) -> str:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {path} (last {len(text)} lines)\n" + "\n".join(text))
     return "\n".join(parts) or f"(no logs under {config.run_dir})"
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group `pgid`, if it is one of our TorchServes (else [])."""
+    members = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    ours = any(
+        mark in " ".join(p.info["cmdline"] or [])
+        for p in members
+        for mark in (LAUNCHER, "org.pytorch.serve.ModelServer", "model_service_worker")
+    )
+    return members if ours else []
 
 
 def _alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from serving.torchserve import ServeConfig, ServeError, busy_ports, environment, read_pid, start
+from serving.torchserve import ServeConfig, ServeError, busy_ports, environment, read_pid, start, stop
 from tests.fixtures.torchserve import free_ports, session_config
 from tests.handlers.renditions import png, read_mnist_test
 
@@ -136,6 +137,21 @@ def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
     assert run_cli("status", config).returncode == 3
     logs = config.run_dir / "logs"
     assert (logs / "ts_log.log").is_file() and (logs / "model_log.log").is_file()
+
+
+@pytest.mark.slow
+def test_stop_ends_the_frontend_and_workers_even_if_the_launcher_died(tmp_path):
+    config = session_config(tmp_path)
+    server = start(config)
+    family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    os.kill(server.pid, signal.SIGKILL)
+    psutil.wait_procs(family[:1], timeout=10)
+    orphans = [p for p in family[1:] if p.is_running()]
+    assert len(orphans) >= 2  # the Java frontend and at least one worker outlive the launcher
+    assert read_pid(config) == server.pid
+    assert stop(config)
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert read_pid(config) is None and not stop(config)
 
 
 # --- management API -------------------------------------------------------------------------
