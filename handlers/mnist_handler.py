@@ -105,6 +105,8 @@ class MnistHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         """Answer every request of the batch: a prediction, or its own 4xx."""
         self.context = context
+        if self._is_describe():  # GET /models/mnist?customized=true on the management API
+            return [json.dumps(self.describe_handle()).encode()]
         answers: list[bytes] = [b""] * len(data)
         digits: dict[int, np.ndarray] = {}
         for idx, request in enumerate(data):
@@ -121,6 +123,16 @@ class MnistHandler(BaseHandler):
             for (idx, digit), probs in zip(digits.items(), probabilities, strict=True):
                 answers[idx] = json.dumps(prediction_body(digit, probs, self.model_version)).encode()
         return answers
+
+    def describe_handle(self) -> dict[str, Any]:
+        """What the model takes and gives, for operators (the management API's customizedMetadata)."""
+        return {
+            "model_version": self.model_version,
+            "input": "PNG, JPEG or WebP bytes, or JSON {'data': '<base64 or data: URL>'}",
+            "output": sorted(prediction_body(np.zeros((28, 28), np.uint8), [0.1] * 10, "").keys()),
+            "max_upload_bytes": self.max_bytes,
+            "max_image_pixels": self.max_pixels,
+        }
 
     @staticmethod
     def _reject(context: Any, idx: int, exc: pp.PreprocessError) -> bytes:

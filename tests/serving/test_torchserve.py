@@ -173,6 +173,15 @@ def test_describe_shows_the_tuned_model(torchserve):
     assert [w["status"] for w in model["workers"]] == ["READY"] * tuned["minWorkers"]
 
 
+def test_customized_describe_shows_the_handlers_contract(torchserve):
+    url = f"{torchserve.management_url}/models/{torchserve.model_name}"
+    (model,) = httpx.get(url, params={"customized": "true"}, timeout=30).json()
+    meta = model["customizedMetadata"]
+    assert meta["model_version"] == model["modelVersion"]
+    assert meta["output"] == ["confidence", "digit", "input", "model_version", "probabilities"]
+    assert meta["max_upload_bytes"] == torchserve.config.max_upload_bytes
+
+
 def test_scale_workers_down_and_up(torchserve, digit):
     url = f"{torchserve.management_url}/models/{torchserve.model_name}"
     configured = tuning()[1]["minWorkers"]
