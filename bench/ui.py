@@ -166,9 +166,7 @@ async def throughput(url: str, path: str, clients: int, per_client: int) -> dict
             for n in range(count):
                 png = images[(index * 37 + n) % len(images)]
                 started = time.perf_counter()
-                response = await http.post(
-                    "/api/predictions", content=png, headers={"content-type": "image/png"}
-                )
+                response = await http.post(path, content=png, headers={"content-type": "image/png"})
                 latencies.append(time.perf_counter() - started)
                 statuses.append(response.status_code)
 
