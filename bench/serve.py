@@ -1,7 +1,7 @@
 """Serving speed and accuracy through a real TorchServe, beside the same work done in-process.
 
 `python bench/serve.py [--requests 400] [--seconds 5] [--matrix]`
-`                       [--accuracy-digits 10000] [--rendition-digits 300]`
+`                       [--accuracy-digits 10000] [--rendition-digits 1000]`
 
 Starts its own TorchServe (config.properties, model_store/mnist.mar, free ports, a temp run
 folder) and measures, with a 280x280 canvas PNG (what the page sends):
@@ -234,11 +234,12 @@ def report_accuracy(url: str, images: np.ndarray, labels: np.ndarray, official: 
         acc, failed = accuracy(url, bodies, labels[:official])
         print(f"\naccuracy, {official} official test images through the API: {acc:.4f} ({failed} non-200)")
     if renditions:
-        print(f"accuracy, canvas renditions of the first {renditions} test digits through the API:")
+        pick = np.linspace(0, len(images) - 1, renditions).astype(int)  # spread over the whole test set
+        print(f"accuracy, canvas renditions of {renditions} test digits (evenly spread) through the API:")
         total = []
         for name in RENDITIONS:
-            bodies = [render(i, name) for i in images[:renditions]]
-            acc, failed = accuracy(url, bodies, labels[:renditions])
+            bodies = [render(i, name) for i in images[pick]]
+            acc, failed = accuracy(url, bodies, labels[pick])
             total.append(acc)
             print(f"  {name:20s} {acc:.4f} ({failed} non-200)")
         print(f"  {'all':20s} {statistics.mean(total):.4f}")
@@ -252,7 +253,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
     parser.add_argument("--matrix", action="store_true", help="also compare worker / batch settings")
     parser.add_argument("--accuracy-digits", type=int, default=10000, help="official test images (0: skip)")
-    parser.add_argument("--rendition-digits", type=int, default=300, help="digits x 11 renditions (0: skip)")
+    parser.add_argument("--rendition-digits", type=int, default=1000, help="digits x 11 renditions (0: skip)")
     args = parser.parse_args()
 
     images, labels = read_mnist_test(MNIST)
