@@ -154,6 +154,14 @@ def test_json_base64_and_data_url_are_accepted(torchserve, sample):
         assert response.json()["digit"] == labels[1]
 
 
+def test_multipart_upload_is_accepted(torchserve, sample):
+    images, labels = sample
+    files = {"data": ("digit.png", png(Image.fromarray(images[3])), "image/png")}
+    response = httpx.post(torchserve.predictions_url(), files=files, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["digit"] == labels[3]
+
+
 def test_accuracy_on_official_test_images(torchserve, sample):
     images, labels = sample
     responses = classify(torchserve.predictions_url(), [png(Image.fromarray(i)) for i in images])
