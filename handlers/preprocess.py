@@ -159,7 +159,17 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def ink_map(img: Image.Image) -> np.ndarray:
-    """Ink level in [0, 1] per pixel (1 = full stroke), whatever the mode and polarity.
+    """Ink level in [0, 1] per pixel (1 = full stroke), whatever the mode and polarity (see `_ink`)."""
+    try:
+        return _ink(img)
+    except (ValueError, OSError, TypeError) as exc:  # a mode Pillow cannot convert (e.g. LAB)
+        raise NotAnImageError(
+            f"unsupported kind of image ({img.mode}): send a PNG, JPEG or WebP image"
+        ) from exc
+
+
+def _ink(img: Image.Image) -> np.ndarray:
+    """Ink level in [0, 1] per pixel (1 = full stroke).
 
     - Transparency: on a transparent canvas (transparent border) the strokes are the opaque
       pixels, whatever their colour (white or black ink); otherwise it is composited over white.

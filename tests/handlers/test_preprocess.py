@@ -93,6 +93,32 @@ def test_truncated_image_is_415():
         pp.load_image(data[: len(data) // 2])
 
 
+MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "I", "F", "PA", "La", "RGBa", "LAB", "HSV"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt TIFFs
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP", "JPEG", "GIF", "BMP"])
+def test_any_mode_and_format_whole_cut_or_garbled_gives_a_digit_or_a_preprocess_error(fmt):
+    rng = np.random.default_rng(0)
+    for mode in MODES:
+        for size in ((3, 50), (120, 90)):
+            buf = io.BytesIO()
+            try:
+                img = Image.fromarray(rng.integers(0, 255, size[::-1], dtype=np.uint8)).convert(mode)
+                img.save(buf, format=fmt)
+            except (OSError, ValueError, KeyError):
+                continue  # Pillow cannot make this mode, or write it in this format
+            data = buf.getvalue()
+            garbled = rng.integers(0, 255, len(data), dtype=np.uint8).tobytes()
+            for variant in (data, data[: len(data) // 2], data[:20], garbled):
+                try:
+                    out = pp.preprocess(variant)
+                except pp.PreprocessError as exc:
+                    assert 400 <= exc.status < 500
+                else:
+                    assert out.shape == (28, 28) and out.dtype == np.uint8
+
+
 def test_decompression_bomb_is_413_before_decoding():
     bomb = io.BytesIO()
     Image.new("1", (5000, 5000)).save(bomb, format="PNG")  # 25 Mpx in a few kB
