@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
             from nicegui import app
 
-            from .app import create_app, run
+            from .app import api_application, create_app, run
 
-            create_app(settings, database_url=database_url)
+            api_app = api_application()
+            create_app(settings, database_url=database_url, api_app=api_app)
             app.on_startup(lambda: say(f"\n  Digit classifier: {url}  (API: {url}/docs; Ctrl-C stops all)\n"))
-            run(settings)
+            run(settings, api_app)
     except AlreadyRunning as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING

@@ -129,6 +129,10 @@ def test_sigterm_stops_the_ui_and_a_busy_port_is_refused(tmp_path: Path, postgre
         ready = httpx.get(f"{app.url}/readyz", timeout=5)
         assert ready.status_code == 503 and not ready.json()["model"]["ready"]
         assert ready.json()["database"]["ready"]
+        assert httpx.get(f"{app.url}/docs", timeout=5).status_code == 200
+        paths = httpx.get(f"{app.url}/openapi.json", timeout=5).json()["paths"]
+        assert {"/api/predictions", "/api/stats", "/readyz"} <= set(paths)
+        assert "Digit classifier" in httpx.get(app.url, timeout=5).text  # the page, mounted beside the API
     # run_app sent SIGTERM and checked the exit status 0
 
 
