@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Awaitable, Callable
 
 from nicegui import ui
 from nicegui.events import GenericEventArguments
+
+log = logging.getLogger(__name__)
 
 DATA_URL_PREFIX = "data:image/png;base64,"
 
@@ -48,11 +51,15 @@ class DigitCanvas(ui.element, component="canvas.js"):
         return self.png is None
 
     async def _handle_change(self, event: GenericEventArguments) -> None:
-        await self.receive(event.args.get("png"), int(event.args.get("strokes") or 0))
+        try:
+            await self.receive(event.args.get("png"), int(event.args.get("strokes") or 0))
+        except (ValueError, TypeError) as exc:  # not what canvas.js sends: ignore, keep the last drawing
+            log.warning("ignored a malformed drawing from the browser: %s", exc)
 
     async def receive(self, data_url: str | None, strokes: int) -> None:
-        """Take a drawing from the browser (the `change` event's payload)."""
-        self.png = decode_data_url(data_url)
+        """Take a drawing from the browser (the `change` event's payload); `ValueError` if malformed."""
+        png = decode_data_url(data_url)
+        self.png = png
         self.strokes = strokes if self.png is not None else 0
         if self._on_change is not None:
             result = self._on_change(self)

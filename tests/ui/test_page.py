@@ -149,3 +149,14 @@ async def test_history_pages(sim: Simulated) -> None:
     assert len(sim.user.find(marker="history-row").elements) == 3
     sim.user.find("Newer").click()
     await sim.user.should_see("predicted 0")
+
+
+async def test_malformed_drawing_from_the_browser_is_ignored(sim: Simulated, caplog) -> None:
+    from nicegui.events import GenericEventArguments
+
+    await sim.user.open("/")
+    canvas = await draw(sim, digit_png("one"))
+    args = {"png": "data:image/png;base64,@@", "strokes": 1}
+    await canvas._handle_change(GenericEventArguments(sender=canvas, client=canvas.client, args=args))
+    assert canvas.png == digit_png("one")
+    assert "malformed drawing" in caplog.text
