@@ -35,6 +35,7 @@ WORK = 4 * BOX  # stroke widths are measured and corrected at 4x the output scal
 # thinned or thickened to the target, nearer the usual widths; the rest are left alone.
 STROKE_RANGE = (1.2, 2.9)
 STROKE_TARGET = (1.5, 2.3)
+MAX_SIDE = 1024  # larger pictures are reduced to this before looking for the ink
 DEFAULT_MAX_PIXELS = 16_000_000  # decoded size limit (4000x4000), against decompression bombs
 DEFAULT_MAX_BYTES = 2_000_000  # request body limit (the app's MAX_UPLOAD_BYTES)
 
@@ -149,6 +150,8 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             f"image too large: {width}x{height} pixels, at most {max_pixels:,} pixels are accepted"
         )
     try:
+        if img.format == "JPEG":
+            img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # decode big photos at a reduced scale
         img.load()
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
@@ -177,13 +180,16 @@ def _ink(img: Image.Image) -> np.ndarray:
     """
     if img.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in img.info:
         img = img.convert("RGBA")
+    elif img.mode in ("1", "I;16"):
+        img = img.convert("L" if img.mode == "1" else "I")
+    img = shrink(img)
     if img.mode == "RGBA":
         alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
         if _border_level(alpha) < 0.5:  # a transparent canvas: the strokes are what is opaque
             return alpha
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
-    if img.mode in ("I", "I;16", "F"):
+    if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float32)
         span = float(arr.max() - arr.min()) or 1.0
         grey = (arr - arr.min()) / span
@@ -197,6 +203,12 @@ def _ink(img: Image.Image) -> np.ndarray:
         ink = grey - background
         scale = 1.0 - background
     return np.clip(ink / max(scale, 1e-6), 0.0, 1.0)
+
+
+def shrink(img: Image.Image) -> Image.Image:
+    """A big picture averaged down to at most MAX_SIDE on its longer side (the digit ends up 20 px)."""
+    factor = -(-max(img.size) // MAX_SIDE)
+    return img.reduce(factor) if factor > 1 else img
 
 
 def _border_level(arr: np.ndarray) -> float:

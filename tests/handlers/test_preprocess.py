@@ -192,6 +192,17 @@ def test_polarity_transparency_size_and_position_do_not_matter(digits, variant):
         assert similarity(pp.preprocess(render(image, variant)), reference) > 0.9
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_big_photos_are_reduced_first_and_give_the_same_digit(digits, fmt):
+    images, _ = digits
+    canvas = Image.open(io.BytesIO(render(images[0], "dark_on_light"))).convert("L")
+    big = canvas.resize((3600, 3600), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, format=fmt)
+    assert similarity(pp.preprocess(buf.getvalue()), pp.preprocess(png(canvas))) > 0.95
+    assert pp.shrink(big).size == (900, 900)
+
+
 def test_rgba_opaque_canvas_is_composited():
     """Black ink on an opaque white RGBA canvas: the colour counts, not the (uniform) alpha."""
     img = Image.new("RGBA", (100, 100), (255, 255, 255, 255))
