@@ -85,7 +85,7 @@ def plot_worst(images: np.ndarray, worst: list[dict], path: Path) -> None:
 
     cols = 8
     rows = max(1, -(-len(worst) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.9 + 0.4), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, w in zip(axes.flat, worst, strict=False):
