@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -104,6 +105,11 @@ def main() -> int:
         f"(all: {', '.join(f'{r:.0f}' for r in rates)})"
     )
     print(f"implied seconds per 60,000-image epoch: {60000 / rate:.1f}")
+    print(
+        "load average (1, 5, 15 min) at the end: {:.1f} {:.1f} {:.1f} on {} CPUs".format(
+            *os.getloadavg(), os.cpu_count()
+        )
+    )
 
     test_images = read_idx(MNIST / FILES["test_images"].name, FILES["test_images"])
     test_labels = read_idx(MNIST / FILES["test_labels"].name, FILES["test_labels"])
