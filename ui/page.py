@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from nicegui import ui
 from nicegui.events import KeyEventArguments
@@ -30,6 +30,15 @@ document.addEventListener('click', e => {
   if (e.detail > 0 && a && a.closest && a.closest('button')) a.blur();
 });
 </script>"""
+
+
+E = TypeVar("E", bound=ui.element)
+
+
+def tag(element: E, name: str) -> E:
+    """Name an element for the tests: `data-testid` for the browser, a marker for the simulated user."""
+    element.props(f"data-testid={name}")
+    return element.mark(name)
 
 
 class DigitPage:
@@ -61,8 +70,8 @@ class DigitPage:
                 ui.button(icon="contrast", on_click=self.toggle_dark).props("flat round color=white").tooltip(
                     "Light / dark"
                 )
-        self.banner = ui.label(MODEL_DOWN).classes("w-full p-3 rounded bg-negative text-white")
-        self.banner.props('role=alert data-testid="model-banner"').mark("model-banner")
+        self.banner = tag(ui.label(MODEL_DOWN), "model-banner").props("role=alert")
+        self.banner.classes("w-full p-3 rounded bg-negative text-white")
         self.banner.set_visibility(False)
 
         with ui.row().classes("w-full gap-6 items-start no-wrap max-md:flex-wrap"):
@@ -70,15 +79,12 @@ class DigitPage:
                 ui.label("Draw a digit").classes("text-subtitle1")
                 self.canvas = DigitCanvas(on_change=self.on_drawing).classes("w-full")
                 with ui.row().classes("w-full justify-between"):
-                    ui.button("Undo", icon="undo", on_click=self.undo).props("outline data-testid=undo").mark(
-                        "undo"
+                    tag(ui.button("Undo", icon="undo", on_click=self.undo), "undo").props("outline")
+                    tag(ui.button("Clear", icon="clear", on_click=self.clear), "clear").props("outline")
+                    self.predict_button = tag(
+                        ui.button("Predict", icon="psychology", on_click=self.predict), "predict"
                     )
-                    ui.button("Clear", icon="clear", on_click=self.clear).props(
-                        "outline data-testid=clear"
-                    ).mark("clear")
-                    self.predict_button = ui.button("Predict", icon="psychology", on_click=self.predict)
-                    self.predict_button.props("data-testid=predict").mark("predict")
-                self.live = ui.switch("Predict as I draw", value=True).props("data-testid=live").mark("live")
+                self.live = tag(ui.switch("Predict as I draw", value=True), "live")
                 ui.label("Keys: 0-9 pick the true label, Enter submits, Esc clears.").classes(
                     "text-caption text-grey"
                 )
@@ -97,23 +103,15 @@ class DigitPage:
 
     def build_result(self) -> None:
         self.placeholder = ui.label("Draw a digit and press Predict.").classes("text-grey")
-        self.result = ui.column().classes("w-full").props("data-testid=result").mark("result")
+        self.result = tag(ui.column(), "result").classes("w-full")
         self.result.set_visibility(False)
         with self.result:
             with ui.row().classes("items-center gap-6 w-full"):
-                self.digit_label = (
-                    ui.label().classes("text-8xl font-bold").props("data-testid=digit").mark("digit")
-                )
+                self.digit_label = tag(ui.label(), "digit").classes("text-8xl font-bold")
                 with ui.column().classes("gap-1"):
-                    self.confidence_label = (
-                        ui.label().classes("text-h6").props("data-testid=confidence").mark("confidence")
-                    )
-                    self.hint_label = (
-                        ui.label().classes("text-warning").props("data-testid=hint").mark("hint")
-                    )
-                    self.status_label = (
-                        ui.label().classes("text-caption").props("data-testid=status").mark("status")
-                    )
+                    self.confidence_label = tag(ui.label(), "confidence").classes("text-h6")
+                    self.hint_label = tag(ui.label(), "hint").classes("text-warning")
+                    self.status_label = tag(ui.label(), "status").classes("text-caption")
                 ui.space()
                 with ui.column().classes("items-center gap-0"):
                     self.input_image = ui.element("img").props('alt="what the model saw"')
@@ -127,16 +125,16 @@ class DigitPage:
                 ui.label("Is it right? Pick the true digit:").classes("text-subtitle2")
                 with ui.row().classes("gap-1"):
                     self.label_buttons = [
-                        ui.button(str(d), on_click=lambda d=d: self.select(d))
-                        .props(f"dense outline data-testid=label-{d}")
-                        .mark(f"label-{d}")
+                        tag(ui.button(str(d), on_click=lambda d=d: self.select(d)), f"label-{d}")
+                        .props("dense outline")
                         .classes("w-10")
                         for d in range(10)
                     ]
-                    self.submit_button = ui.button("Submit", icon="check", on_click=self.submit)
-                    self.submit_button.props("data-testid=submit").mark("submit")
-        self.db_warning = ui.label(DB_DOWN).classes("w-full p-2 rounded bg-warning text-black")
-        self.db_warning.props('role=status data-testid="db-warning"').mark("db-warning")
+                    self.submit_button = tag(
+                        ui.button("Submit", icon="check", on_click=self.submit), "submit"
+                    )
+        self.db_warning = tag(ui.label(DB_DOWN), "db-warning").props("role=status")
+        self.db_warning.classes("w-full p-2 rounded bg-warning text-black")
         self.db_warning.set_visibility(False)
 
     # ---------------------------------------------------------------- drawing and predicting
@@ -326,7 +324,7 @@ class DigitPage:
         items = [history_item(o) for o in reversed(waiting)] + [history_item(r) for r in rows]
         if not items:
             ui.label("No predictions yet.").classes("text-grey")
-        with ui.column().classes("w-full gap-1").props("data-testid=history").mark("history"):
+        with tag(ui.column(), "history").classes("w-full gap-1"):
             for item in items:
                 self.history_row(item)
         with ui.row().classes("items-center"):
@@ -337,9 +335,7 @@ class DigitPage:
             older.props("flat").set_enabled(len(rows) == HISTORY_PAGE_SIZE)
 
     def history_row(self, item: dict[str, Any]) -> None:
-        with (
-            ui.row().classes("items-center gap-4 w-full").props("data-testid=history-row").mark("history-row")
-        ):
+        with tag(ui.row(), "history-row").classes("items-center gap-4 w-full"):
             ui.label(item["time"]).classes("w-40 text-caption")
             thumb = ui.element("img").style("width: 36px; height: 36px; background: #000; border-radius: 4px")
             thumb._props["src"] = item["thumbnail"]
@@ -376,7 +372,7 @@ class DigitPage:
             ):
                 key = f"stat-{name.split()[0]}"
                 with ui.column().classes("gap-0"):
-                    ui.label(value).classes("text-h4").props(f"data-testid={key}").mark(key)
+                    tag(ui.label(value), key).classes("text-h4")
                     ui.label(name).classes("text-caption text-grey")
             if len(versions) > 1:
                 options = {"": "all model versions", **{v: f"model version {v}" for v in versions}}
