@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training import data, export, train
 from training.data import FILES
@@ -51,3 +52,16 @@ def test_short_training_clearly_learns(mnist_dir: Path) -> None:
     assert result.holdout_accuracy is not None and result.holdout_accuracy > 0.90
     assert len(result.epoch_seconds) == 3
     assert np.isfinite([h["loss"] for h in result.history]).all()
+
+
+def test_same_seed_gives_identical_weights(mnist_dir: Path) -> None:
+    images = data.read_idx(mnist_dir / FILES["test_images"].name, FILES["test_images"])[:1024]
+    labels = data.read_idx(mnist_dir / FILES["test_labels"].name, FILES["test_labels"])[:1024]
+
+    def weights(seed: int) -> dict:
+        cfg = train.TrainConfig(dry_run=True, batch_size=64, seed=seed, threads=1)
+        return train.train(images, labels, cfg).model.state_dict()
+
+    a, b, c = weights(7), weights(7), weights(8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
