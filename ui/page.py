@@ -55,6 +55,7 @@ class DigitPage:
         self.stats_version: str | None = None  # statistics of one model version; None: all
         self.history_cursors: list[int | None] = [None]  # before_id of each page shown so far
         self.seen_version = -1
+        self.rendered_state: tuple[bool, bool] | None = None  # (stored, label stored) last shown
 
     # ---------------------------------------------------------------- layout
     async def build(self) -> None:
@@ -146,6 +147,7 @@ class DigitPage:
         if self.outcome is not None and self.outcome_png != canvas.png:
             self.outcome = None  # the drawing changed: a new prediction is due
             self.render_feedback()
+            self.status_label.set_text("the drawing changed: press Predict for a new answer")
         if not self.live.value or self.busy:
             return
         self.preview_seq += 1
@@ -225,6 +227,7 @@ class DigitPage:
             chosen = digit == self.selected
             button.props(remove="outline unelevated")
             button.props("unelevated color=primary" if chosen else "outline")
+        self.rendered_state = (outcome.stored, outcome.label_stored)
         waiting = not outcome.stored or (outcome.label is not None and not outcome.label_stored)
         self.db_warning.set_visibility(waiting and not self.saving)
         if self.saving:
@@ -298,7 +301,8 @@ class DigitPage:
 
     async def tick(self) -> None:
         """Every second: follow late saves and other people's predictions."""
-        if self.outcome is not None:
+        outcome = self.outcome
+        if outcome is not None and (outcome.stored, outcome.label_stored) != self.rendered_state:
             self.render_feedback()
         if self.service.version != self.seen_version:
             self.refresh_lists()
