@@ -59,17 +59,6 @@ class Prediction:
             raise InferenceUnavailable("the model server sent an answer of the wrong shape")
         return prediction
 
-    @property
-    def runner_up_margin(self) -> float:
-        """Gap between the two highest probabilities."""
-        top = sorted(self.probabilities, reverse=True)
-        return top[0] - top[1]
-
-    @property
-    def unsure(self) -> bool:
-        """The model is not sure: confidence under 60 % or the best two within 20 points."""
-        return self.confidence < 0.6 or self.runner_up_margin < 0.2
-
 
 def error_message(response: httpx.Response) -> str:
     """The human message in a TorchServe or handler error body, whatever its shape."""

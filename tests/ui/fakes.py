@@ -44,6 +44,7 @@ class FakeModel:
     down: bool = False
     calls: int = 0
     version: str = "1.0"
+    unsure: bool = False  # answer 55 % for the digit and 40 % for a 7
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
@@ -59,9 +60,12 @@ class FakeModel:
         digit = 0 if ring else 1
         probabilities = [0.01] * 10
         probabilities[digit] = 0.91
+        if self.unsure:
+            probabilities = [0.05 / 8] * 10
+            probabilities[digit], probabilities[7] = 0.55, 0.40
         body = {
             "digit": digit,
-            "confidence": 0.91,
+            "confidence": max(probabilities),
             "probabilities": probabilities,
             "input": pixels.reshape(-1).tolist(),
             "model_version": self.version,

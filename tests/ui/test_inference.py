@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.ui.fakes import FakeModel, digit_png
-from ui.inference import InferenceClient, InferenceUnavailable, InvalidInput, Prediction
+from ui.inference import InferenceClient, InferenceUnavailable, InvalidInput
 
 
 def client_for(handler) -> InferenceClient:
@@ -86,15 +86,6 @@ async def test_timeout_500_and_bad_answers_are_unavailable() -> None:
         await client_for(lambda r: httpx.Response(200, json=answer(input=[0] * 10))).predict(b"png")
     with pytest.raises(InferenceUnavailable, match="unexpected"):
         await client_for(lambda r: httpx.Response(200, json={"digit": 1})).predict(b"png")
-
-
-def test_unsure() -> None:
-    sure = Prediction.from_json(answer())
-    assert not sure.unsure
-    close = answer(confidence=0.55)
-    close["probabilities"] = [0.0] * 10
-    close["probabilities"][3], close["probabilities"][5] = 0.55, 0.45
-    assert Prediction.from_json(close).unsure
 
 
 async def test_ready_reads_worker_status() -> None:

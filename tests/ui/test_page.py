@@ -160,3 +160,12 @@ async def test_malformed_drawing_from_the_browser_is_ignored(sim: Simulated, cap
     await canvas._handle_change(GenericEventArguments(sender=canvas, client=canvas.client, args=args))
     assert canvas.png == digit_png("one")
     assert "malformed drawing" in caplog.text
+
+
+async def test_unsure_answer_gets_a_hint(sim: Simulated) -> None:
+    sim.model.unsure = True
+    await sim.user.open("/")
+    await draw(sim, digit_png("one"))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see("55.0 % sure")
+    await sim.user.should_see("Not sure: it could also be a 7 (40.0 %).")
