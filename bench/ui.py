@@ -116,13 +116,36 @@ def running_app(tmp: Path):
             time.sleep(0.5)
         else:
             raise SystemExit(f"the app was not ready in time:\n{log.read_text()}")
-        yield url, env["INFERENCE_URL"]
+        yield url, env["INFERENCE_URL"], process.pid
     finally:
         process.send_signal(signal.SIGINT)
         try:
             process.wait(90)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextlib.contextmanager
+def cpu_per_request(pid: int, requests: int):
+    """CPU milliseconds per request spent in the UI process and in TorchServe (its child processes)."""
+    import psutil
+
+    def cpu(processes: list[psutil.Process]) -> float:
+        total = 0.0
+        for proc in processes:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    ui = psutil.Process(pid)
+    children = ui.children(recursive=True)
+    before = cpu([ui]), cpu(children)
+    out: dict[str, float] = {}
+    yield out
+    after = cpu([ui]), cpu(children)
+    out["ui"] = 1000 * (after[0] - before[0]) / requests
+    out["torchserve"] = 1000 * (after[1] - before[1]) / requests
 
 
 def click_to_result(url: str, clicks: int) -> tuple[list[float], list[float]]:
@@ -199,7 +222,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ui-"))
     try:
-        with running_app(tmp) as (url, inference_url):
+        with running_app(tmp) as (url, inference_url, pid):
             print(f"app: {url} (embedded PostgreSQL, TorchServe started by python -m ui)", flush=True)
             shown, saved = click_to_result(url, args.clicks)
             print(
@@ -208,7 +231,8 @@ def main() -> None:
                 f"{statistics.median(saved):.1f} ms",
                 flush=True,
             )
-            figures = asyncio.run(throughput(url, "/api/predictions", args.clients, args.per_client))
+            with cpu_per_request(pid, args.clients * args.per_client) as api_cpu:
+                figures = asyncio.run(throughput(url, "/api/predictions", args.clients, args.per_client))
             stats = httpx.get(f"{url}/api/stats", timeout=10).json()
             print(
                 f"POST /api/predictions, {args.clients} concurrent clients: "
@@ -218,13 +242,20 @@ def main() -> None:
                 f"p95 {figures['p95_ms']:.0f} ms; rows in the database: {stats['total']}",
                 flush=True,
             )
-            direct = asyncio.run(
-                throughput(inference_url, "/predictions/mnist", args.clients, args.per_client)
-            )
+            with cpu_per_request(pid, args.clients * args.per_client) as direct_cpu:
+                direct = asyncio.run(
+                    throughput(inference_url, "/predictions/mnist", args.clients, args.per_client)
+                )
             print(
                 f"for comparison, TorchServe alone (POST /predictions/mnist, same clients): "
                 f"{direct['stored_per_s']:.0f} answers/s; latency p50 {direct['p50_ms']:.0f} ms, "
                 f"p95 {direct['p95_ms']:.0f} ms (statuses {direct['statuses']})",
+                flush=True,
+            )
+            print(
+                f"CPU per request: through the UI {api_cpu['ui']:.1f} ms in the UI process + "
+                f"{api_cpu['torchserve']:.1f} ms in TorchServe; "
+                f"TorchServe alone {direct_cpu['torchserve']:.1f} ms",
                 flush=True,
             )
             print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
