@@ -100,6 +100,8 @@ def running_app(tmp: Path):
         INFERENCE_URL=f"http://127.0.0.1:{free_port()}",
         MANAGEMENT_URL=f"http://127.0.0.1:{free_port()}",
         METRICS_URL=f"http://127.0.0.1:{free_port()}",
+        GRPC_INFERENCE_PORT=str(free_port()),
+        GRPC_MANAGEMENT_PORT=str(free_port()),
     )
     log = tmp / "app.log"
     with log.open("w") as out:

@@ -60,6 +60,8 @@ def test_make_run_starts_everything_refuses_a_second_run_and_leaves_nothing(tmp_
         "INFERENCE_URL": f"http://127.0.0.1:{ts_ports[0]}",
         "MANAGEMENT_URL": f"http://127.0.0.1:{ts_ports[1]}",
         "METRICS_URL": f"http://127.0.0.1:{ts_ports[2]}",
+        "GRPC_INFERENCE_PORT": str(free_port()),
+        "GRPC_MANAGEMENT_PORT": str(free_port()),
     }
     port = free_port()
     environment = app_env(tmp_path, port, **env)
