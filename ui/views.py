@@ -41,27 +41,27 @@ def unsure_hint(probabilities: Sequence[float]) -> str | None:
     return None
 
 
-def probability_chart(probabilities: Sequence[float], digit: int) -> dict[str, Any]:
-    """ECharts options: ten bars, the predicted digit highlighted."""
+def digit_bars(data: Sequence[Any], color: str | None = None) -> dict[str, Any]:
+    """ECharts options: one bar per digit 0-9 on a 0-1 axis (bars may carry their own colours)."""
+    series: dict[str, Any] = {"type": "bar", "data": list(data)}
+    if color:
+        series["itemStyle"] = {"color": color}
     return {
         "animation": False,
         "grid": {"left": 36, "right": 8, "top": 8, "bottom": 24},
         "xAxis": {"type": "category", "data": [str(d) for d in range(10)]},
         "yAxis": {"type": "value", "min": 0, "max": 1, "splitLine": GRID_LINE},
         "tooltip": {"trigger": "axis"},
-        "series": [
-            {
-                "type": "bar",
-                "data": [
-                    {
-                        "value": round(float(p), 4),
-                        "itemStyle": {"color": "#1976d2" if d == digit else "#9e9e9e"},
-                    }
-                    for d, p in enumerate(probabilities)
-                ],
-            }
-        ],
+        "series": [series],
     }
+
+
+def probability_chart(probabilities: Sequence[float], digit: int) -> dict[str, Any]:
+    """ECharts options: ten bars, the predicted digit highlighted."""
+    return digit_bars(
+        {"value": round(float(p), 4), "itemStyle": {"color": "#1976d2" if d == digit else "#9e9e9e"}}
+        for d, p in enumerate(probabilities)
+    )
 
 
 def confusion_chart(confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
@@ -93,17 +93,4 @@ def confusion_chart(confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
 
 def per_digit_chart(accuracy: Sequence[float | None]) -> dict[str, Any]:
     """ECharts bars of accuracy per true digit (empty bar where a digit has no label yet)."""
-    return {
-        "animation": False,
-        "grid": {"left": 36, "right": 8, "top": 8, "bottom": 24},
-        "xAxis": {"type": "category", "data": [str(d) for d in range(10)]},
-        "yAxis": {"type": "value", "min": 0, "max": 1, "splitLine": GRID_LINE},
-        "tooltip": {"trigger": "axis"},
-        "series": [
-            {
-                "type": "bar",
-                "data": [None if a is None else round(a, 4) for a in accuracy],
-                "itemStyle": {"color": "#43a047"},
-            }
-        ],
-    }
+    return digit_bars([None if a is None else round(a, 4) for a in accuracy], color="#43a047")
