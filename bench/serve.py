@@ -50,6 +50,8 @@ from tests.handlers.renditions import RENDITIONS, png, read_mnist_test, render  
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 CLIENTS = (1, 8, 32)
+WARM_UP = 300  # requests before timing: the Java frontend's JIT needs a few hundred
+SETTINGS = ((1, 1, 0), (1, 8, 1), (2, 1, 0), (2, 2, 0), (2, 8, 1), (2, 8, 5))  # workers, batch, delay ms
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -76,7 +78,7 @@ class Client:
 def sequential_latency(url: str, body: bytes, count: int) -> list[float]:
     """Milliseconds per request, one after the other."""
     client = Client(url)
-    for _ in range(20):
+    for _ in range(WARM_UP):
         client.post(body)
     times = []
     for _ in range(count):
@@ -215,7 +217,7 @@ def report_matrix(config: ServeConfig, body: bytes, seconds: float) -> None:
     """Throughput of other worker / batch settings (the default model is scaled to 0 meanwhile)."""
     management = config.management_url
     print("\nsettings matrix (predictions/s)      8 clients   32 clients")
-    for workers, batch, delay in ((1, 1, 0), (1, 8, 1), (1, 8, 5), (1, 32, 1), (2, 1, 0), (2, 8, 1)):
+    for workers, batch, delay in SETTINGS:
         name = f"mnist_w{workers}_b{batch}_d{delay}"
         variant = register_variant(config, name, workers, batch, delay)
         scale = {"min_worker": 0, "max_worker": 0, "synchronous": "true"}
