@@ -50,7 +50,7 @@ from tests.handlers.renditions import RENDITIONS, png, read_mnist_test, render  
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 CLIENTS = (1, 8, 32)
-WARM_UP = 300  # requests before timing: the Java frontend's JIT needs a few hundred
+WARM_UP = 300  # sequential requests before timing
 SETTINGS = ((1, 1, 0), (1, 8, 1), (2, 1, 0), (2, 2, 0), (2, 8, 1), (2, 8, 5))  # workers, batch, delay ms
 
 
@@ -199,6 +199,7 @@ def accuracy(url: str, bodies: list[bytes], labels: np.ndarray) -> tuple[float, 
 
 
 def report_latency_and_throughput(url: str, floor: Floor, body: bytes, requests: int, seconds: float) -> None:
+    throughput(url, body, 8, seconds)  # warm-up: the Java frontend's JIT, every netty and worker thread
     ts_lat = sequential_latency(url, body, requests)
     fl_lat = floor.latency(body, requests)
     print("\nsequential latency (ms)      p50     p95")
