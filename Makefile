@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+# MNIST files for `make model` (downloaded there when missing); e.g. make model MNIST_DIR=../shared/data/mnist
+MNIST_DIR ?= .data/mnist
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -42,7 +44,7 @@ stop:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m serving stop; fi
 
 model: install
-	$(BIN)/python -m training.train --data-dir $${DATA_DIR:-.data/mnist}
+	$(BIN)/python -m training.train --data-dir $(MNIST_DIR)
 	$(BIN)/python -m training.export
 
 bench: install

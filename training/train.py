@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         model_card = run(cfg, args.data_dir, output_dir)
     except MnistDataError as exc:
         print(
-            f"error: {exc}\n(offline? point --data-dir, or DATA_DIR for `make model`, at a local copy)",
+            f"error: {exc}\n(offline? point --data-dir, or MNIST_DIR for `make model`, at a local copy)",
             file=sys.stderr,
         )
         return 1
