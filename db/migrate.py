@@ -91,6 +91,8 @@ def pending(migrations: list[Migration], applied: dict[int, tuple[str, str]]) ->
 def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Apply the pending migrations to the database at `url`; return the file names applied now."""
     migrations = load_migrations(directory)
+    if not migrations:  # e.g. a package installed without its data files: never report "up to date"
+        raise MigrationError(f"no migration files in {directory}")
     applied_now: list[str] = []
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))

@@ -277,3 +277,8 @@ def test_0003_counts_the_rows_already_there(empty_db_url: str, tmp_path: Path) -
     assert migrate(empty_db_url) == ["0003_prediction_counts.sql"]
     with psycopg.connect(empty_db_url) as conn:
         assert _counted(conn) == [("1.0", None, 1, 2), ("1.0", 1, 2, 1)]
+
+
+def test_migrate_refuses_a_folder_without_migrations(tmp_path: Path, empty_db_url: str) -> None:
+    with pytest.raises(MigrationError, match="no migration files"):
+        migrate(empty_db_url, tmp_path)
