@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     model_name: str = "mnist"
     model_store: Path = ROOT / "model_store"
     inference_timeout_s: float = Field(default=5.0, gt=0)
+    # How TorchServe runs the model (registered by `python -m serving`; see serving/README.md).
+    model_workers: int = Field(default=2, ge=1)
+    model_batch_size: int = Field(default=4, ge=1)
+    model_batch_delay_ms: int = Field(default=0, ge=0)  # 0: batch only requests already queued
 
     # The web page and JSON API.
     ui_host: str = "127.0.0.1"

@@ -6,8 +6,13 @@ TorchServe runs in its own session (process group) with everything under one run
 archives) and `console.log`. `stop` ends the whole process group: the launcher, the Java frontend
 and the Python workers.
 
+The model is registered through the management API once the frontend answers, not loaded from
+config.properties: TorchServe reads a `maxBatchDelay` of 0 in its config file (or in the
+archive's model-config.yaml) as its 100 ms default, while the API takes 0 as "batch only what is
+already queued", which is what keeps one request fast and many requests cheap (serving/README.md).
+
     from serving.torchserve import ServeConfig, start, stop
-    server = start()          # ServeConfig.from_settings(); returns once a worker is READY
+    server = start()          # ServeConfig.from_settings(); returns once every worker is READY
     ...
     stop()                    # or server.stop()
 """
@@ -56,6 +61,11 @@ class ServeConfig:
     model_name: str = "mnist"
     config_file: Path = CONFIG_FILE
     max_upload_bytes: int = 2_000_000
+    # How the model runs (registered with these by `start`; tuned with bench/serve.py --matrix).
+    workers: int = 2  # Python worker processes (one core each: OMP_NUM_THREADS=1)
+    batch_size: int = 4  # at most this many queued requests go through the model together
+    max_batch_delay_ms: int = 0  # 0: never wait for company, take only what is already queued
+    response_timeout_s: int = 30
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +85,9 @@ class ServeConfig:
             grpc_management_port=settings.grpc_management_port,
             model_name=settings.model_name,
             max_upload_bytes=settings.max_upload_bytes,
+            workers=settings.model_workers,
+            batch_size=settings.model_batch_size,
+            max_batch_delay_ms=settings.model_batch_delay_ms,
         )
 
     @property
@@ -123,6 +136,10 @@ class Server:
 
     def stop(self, timeout: float = 30.0) -> bool:
         return stop(self.config, timeout)
+
+    def alive(self) -> bool:
+        """Whether TorchServe's launcher (the leader of its process group) is still running."""
+        return _alive(self.pid)
 
 
 def java_home() -> str:
@@ -221,6 +238,47 @@ def is_ready(management_url: str, model_name: str) -> bool:
     return bool(workers) and all(w.get("status") == "READY" for w in workers)
 
 
+def wait_api(config: ServeConfig, timeout: float, pid: int | None = None) -> None:
+    """Return once the management API answers; raise `ServeError` on timeout or if TorchServe exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid is not None and not _alive(pid):
+            raise ServeError(f"TorchServe exited while starting.\n{log_tail(config)}")
+        try:
+            httpx.get(f"{config.management_url}/models", timeout=2).raise_for_status()
+            return
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    raise ServeError(
+        f"management API {config.management_url} not answering after {timeout:.0f} s.\n{log_tail(config)}"
+    )
+
+
+def register(config: ServeConfig, timeout: float = START_TIMEOUT_S) -> None:
+    """Register `<model_store>/<model_name>.mar` with the configured workers and batching.
+
+    Synchronous: TorchServe answers once the workers have started (they may still be loading).
+    """
+    params: dict[str, str | int] = {
+        "url": config.mar_file.name,
+        "model_name": config.model_name,
+        "initial_workers": config.workers,
+        "batch_size": config.batch_size,
+        "max_batch_delay": config.max_batch_delay_ms,
+        "response_timeout": config.response_timeout_s,
+        "synchronous": "true",
+    }
+    try:
+        response = httpx.post(f"{config.management_url}/models", params=params, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ServeError(f"registering {config.mar_file.name} failed: {exc}\n{log_tail(config)}") from exc
+    if response.status_code != 200:
+        raise ServeError(
+            f"registering {config.mar_file.name} failed: HTTP {response.status_code} {response.text.strip()}"
+            f"\n{log_tail(config)}"
+        )
+
+
 def wait_ready(config: ServeConfig, timeout: float = START_TIMEOUT_S, pid: int | None = None) -> None:
     """Return once the model's workers are READY; raise `ServeError` on timeout or if TorchServe exits.
 
@@ -239,8 +297,14 @@ def wait_ready(config: ServeConfig, timeout: float = START_TIMEOUT_S, pid: int |
     )
 
 
-def start(config: ServeConfig | None = None, timeout: float = START_TIMEOUT_S) -> Server:
-    """Start TorchServe in the background; return once the model answers (else `ServeError`)."""
+def start(
+    config: ServeConfig | None = None, timeout: float = START_TIMEOUT_S, console: bool = False
+) -> Server:
+    """Start TorchServe in the background; return once the model answers (else `ServeError`).
+
+    Its console output (errors only, see log4j2.xml) goes to `console.log`, or to this process's
+    stdout with `console=True` (containers).
+    """
     config = config or ServeConfig.from_settings()
     if (pid := read_pid(config)) is not None:
         raise ServeError(f"TorchServe is already running (pid {pid}); stop it first: make stop")
@@ -256,19 +320,23 @@ def start(config: ServeConfig | None = None, timeout: float = START_TIMEOUT_S) -
     for folder in (config.run_dir, config.log_dir, config.tmp_dir):
         folder.mkdir(parents=True, exist_ok=True)
     (config.tmp_dir / ".model_server.pid").unlink(missing_ok=True)
-    with config.console_log.open("ab") as console:
+    with contextlib.ExitStack() as files:
+        output = None if console else files.enter_context(config.console_log.open("ab"))
         process = subprocess.Popen(
             command(config),
             cwd=config.run_dir,
             env=environment(config),
             stdin=subprocess.DEVNULL,
-            stdout=console,
+            stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     config.pid_file.write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + timeout
     try:
-        wait_ready(config, timeout, process.pid)
+        wait_api(config, timeout, process.pid)
+        register(config, deadline - time.monotonic())
+        wait_ready(config, max(deadline - time.monotonic(), 1.0), process.pid)
     except BaseException:
         stop(config)
         raise
@@ -314,6 +382,7 @@ def status(config: ServeConfig | None = None) -> dict[str, Any]:
             {
                 "version": v.get("modelVersion"),
                 "batch_size": v.get("batchSize"),
+                "max_batch_delay_ms": v.get("maxBatchDelay"),
                 "workers": [w.get("status") for w in v.get("workers", [])],
             }
             for v in model_status(config.management_url, config.model_name)

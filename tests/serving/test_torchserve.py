@@ -51,7 +51,7 @@ def test_config_properties_binds_loopback_with_prometheus_metrics():
     assert props["management_address"] == "http://127.0.0.1:8081"
     assert props["metrics_address"] == "http://127.0.0.1:8082"
     assert props["metrics_mode"] == "prometheus"
-    assert props["load_models"] == "mnist=mnist.mar"
+    assert "load_models" not in props and "models" not in props  # serving.start registers the model
     assert props["disable_token_authorization"] == "true"
 
 
@@ -88,8 +88,9 @@ def test_start_fails_clearly_without_the_model_archive(tmp_path):
         start(config, timeout=5)
 
 
-def run_cli(action: str, config: ServeConfig) -> subprocess.CompletedProcess:
-    env = {
+def cli_env(config: ServeConfig) -> dict[str, str]:
+    """The environment that makes `python -m serving` use `config` (settings.py reads it)."""
+    return {
         **os.environ,
         "MODEL_STORE": str(config.model_store),
         "RUN_DIR": str(config.run_dir.parent),
@@ -99,10 +100,13 @@ def run_cli(action: str, config: ServeConfig) -> subprocess.CompletedProcess:
         "GRPC_INFERENCE_PORT": str(config.grpc_inference_port),
         "GRPC_MANAGEMENT_PORT": str(config.grpc_management_port),
     }
+
+
+def run_cli(action: str, config: ServeConfig) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "serving", action],
         cwd=ROOT,
-        env=env,
+        env=cli_env(config),
         capture_output=True,
         text=True,
         timeout=400,
@@ -126,7 +130,7 @@ def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
         assert response.status_code == 200 and response.json()["digit"] == digit[1]
         status = run_cli("status", config)
         workers = json.loads(status.stdout)["models"][0]["workers"]
-        assert status.returncode == 0 and workers == ["READY"] * tuning()[1]["minWorkers"]
+        assert status.returncode == 0 and workers == ["READY"] * config.workers
         again = run_cli("start", config)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
@@ -137,6 +141,39 @@ def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
     assert run_cli("status", config).returncode == 3
     logs = config.run_dir / "logs"
     assert (logs / "ts_log.log").is_file() and (logs / "model_log.log").is_file()
+
+
+@pytest.mark.slow
+def test_cli_run_serves_in_the_foreground_until_sigterm(tmp_path, digit):
+    """`python -m serving run` (the container's command): ready, serving, and SIGTERM stops it all."""
+    config = dataclasses.replace(session_config(tmp_path), run_dir=tmp_path / "run" / "torchserve")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving", "run"],
+        cwd=ROOT,
+        env=cli_env(config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in process.stdout:  # the console and our own lines, until ready (or exit)
+            lines.append(line)
+            if line.startswith("TorchServe is ready"):
+                break
+        assert process.poll() is None, "".join(lines)
+        leader = psutil.Process(read_pid(config))
+        family = [leader, *leader.children(recursive=True)]
+        response = httpx.post(f"{config.inference_url}/predictions/mnist", content=digit[0], timeout=30)
+        assert response.status_code == 200 and response.json()["digit"] == digit[1]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+        stop(config)
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert busy_ports(config) == [] and read_pid(config) is None
 
 
 @pytest.mark.slow
@@ -157,20 +194,17 @@ def test_stop_ends_the_frontend_and_workers_even_if_the_launcher_died(tmp_path):
 # --- management API -------------------------------------------------------------------------
 
 
-def tuning() -> tuple[str, dict]:
-    """The mnist model's version and settings in config.properties (`models=`)."""
-    line = next(x for x in (ROOT / "config.properties").read_text().splitlines() if x.startswith("models="))
-    ((version, settings),) = json.loads(line.removeprefix("models="))["mnist"].items()
-    return version, settings
-
-
-def test_describe_shows_the_tuned_model(torchserve):
-    """config.properties' worker and batch settings apply (they are keyed by the archive's version)."""
+def test_describe_shows_the_registered_workers_and_batching(torchserve):
+    """`start` registers the archive's version with ServeConfig's workers and batching, delay 0 kept."""
     (model,) = describe(torchserve)
-    version, tuned = tuning()
+    config = torchserve.config
+    with zipfile.ZipFile(config.mar_file) as mar:
+        version = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
     assert (model["modelName"], model["modelVersion"]) == ("mnist", version)
-    assert (model["batchSize"], model["maxBatchDelay"]) == (tuned["batchSize"], tuned["maxBatchDelay"])
-    assert [w["status"] for w in model["workers"]] == ["READY"] * tuned["minWorkers"]
+    assert (model["batchSize"], model["maxBatchDelay"]) == (config.batch_size, config.max_batch_delay_ms)
+    assert (config.batch_size, config.max_batch_delay_ms) == (4, 0)  # the tuned defaults
+    assert [w["status"] for w in model["workers"]] == ["READY"] * config.workers
+    assert model["loadedAtStartup"] is False
 
 
 def test_customized_describe_shows_the_handlers_contract(torchserve):
@@ -184,7 +218,7 @@ def test_customized_describe_shows_the_handlers_contract(torchserve):
 
 def test_scale_workers_down_and_up(torchserve, digit):
     url = f"{torchserve.management_url}/models/{torchserve.model_name}"
-    configured = tuning()[1]["minWorkers"]
+    configured = torchserve.config.workers
     try:
         for count in (1, 3):
             scale = {"min_worker": count, "max_worker": count, "synchronous": "true"}
