@@ -1,13 +1,15 @@
 """The web page and API under load, on this machine, against the real stack started by `python -m ui`.
 
-`python bench/ui.py [--clicks 20] [--per-client 60] [--clients 8]`
+`python bench/ui.py [--clicks 20] [--clients 8] [--seconds 15] [--warmup 5]`
 
 1. Click to result: in Debian's chromium (Playwright), draw a digit with the mouse, click Predict
    (live preview off, so the click does the whole round trip), and time in the page, from the click
    event to the DOM showing the answer, and to the "saved as #id" that follows once it is stored.
    Median of `--clicks`.
-2. API throughput: `--clients` concurrent httpx clients POST MNIST test digits (rendered 280x280 like
-   the canvas) to `/api/predictions`; stored predictions per second over the whole run, and latency.
+2. API throughput: `--clients` concurrent keep-alive clients POST MNIST test digits (scaled up to
+   280x280 PNGs of about 8 KB, like a canvas drawing) to `/api/predictions` for `--seconds`, after
+   `--warmup` seconds of the same load; stored predictions per second (checked against the new
+   rows in the database), latency, and the same load on TorchServe alone for comparison.
 
 The app runs as `make run` runs it (embedded PostgreSQL, TorchServe started by the launcher), on
 free ports, with its data in a temporary folder, and is stopped (Ctrl-C) at the end.
@@ -32,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -129,9 +132,8 @@ def running_app(tmp: Path):
             process.kill()
 
 
-@contextlib.contextmanager
-def cpu_per_request(pid: int, requests: int):
-    """CPU milliseconds per request spent in the UI process and in TorchServe (its child processes)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by the UI process and by its children (TorchServe, PostgreSQL)."""
     import psutil
 
     def cpu(processes: list[psutil.Process]) -> float:
@@ -143,13 +145,7 @@ def cpu_per_request(pid: int, requests: int):
         return total
 
     ui = psutil.Process(pid)
-    children = ui.children(recursive=True)
-    before = cpu([ui]), cpu(children)
-    out: dict[str, float] = {}
-    yield out
-    after = cpu([ui]), cpu(children)
-    out["ui"] = 1000 * (after[0] - before[0]) / requests
-    out["torchserve"] = 1000 * (after[1] - before[1]) / requests
+    return cpu([ui]), cpu(ui.children(recursive=True))
 
 
 def click_to_result(url: str, clicks: int) -> tuple[list[float], list[float]]:
@@ -183,21 +179,23 @@ def click_to_result(url: str, clicks: int) -> tuple[list[float], list[float]]:
     return shown, saved
 
 
-def throughput(url: str, path: str, clients: int, per_client: int) -> dict[str, float]:
-    """`clients` threads each POSTing `per_client` digits to `url + path`, after a warm-up.
+def throughput(url: str, path: str, clients: int, seconds: float, pid: int) -> dict[str, Any]:
+    """`clients` threads POSTing MNIST digits to `url + path` for `seconds`; CPU per request of `pid`.
 
-    Each thread keeps one HTTP/1.1 connection (http.client: the least client CPU per request, since
-    the load generator shares the 2 cores with what it measures).
+    Each thread keeps one HTTP/1.1 connection (http.client: the least client CPU per request,
+    since the load generator shares the 2 cores with what it measures).
     """
     images = mnist_pngs(200)
     ok = 201 if path.startswith("/api/") else 200
     parts = urlsplit(url)
 
-    def client(index: int, count: int, latencies: list[float], statuses: list[int]) -> None:
+    def client(index: int, until: float, latencies: list[float], statuses: list[int]) -> None:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
         try:
-            for n in range(count):
+            n = 0
+            while time.perf_counter() < until:
                 png = images[(index * 37 + n) % len(images)]
+                n += 1
                 started = time.perf_counter()
                 conn.request("POST", path, body=png, headers={"Content-Type": "image/png"})
                 response = conn.getresponse()
@@ -207,21 +205,23 @@ def throughput(url: str, path: str, clients: int, per_client: int) -> dict[str, 
         finally:
             conn.close()
 
-    def run(count: int, latencies: list[float], statuses: list[int]) -> None:
+    def run(duration: float, latencies: list[float], statuses: list[int]) -> float:
+        until = time.perf_counter() + duration
         threads = [
-            threading.Thread(target=client, args=(i, count, latencies, statuses)) for i in range(clients)
+            threading.Thread(target=client, args=(i, until, latencies, statuses)) for i in range(clients)
         ]
+        started = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        return time.perf_counter() - started
 
-    run(3, [], [])  # warm-up
     latencies: list[float] = []
     statuses: list[int] = []
-    started = time.perf_counter()
-    run(per_client, latencies, statuses)
-    elapsed = time.perf_counter() - started
+    cpu_before = cpu_seconds(pid)
+    elapsed = run(seconds, latencies, statuses)
+    cpu_after = cpu_seconds(pid)
     stored = statuses.count(ok)
     latencies.sort()
     return {
@@ -233,6 +233,8 @@ def throughput(url: str, path: str, clients: int, per_client: int) -> dict[str, 
         "stored_per_s": stored / elapsed,
         "p50_ms": 1000 * latencies[len(latencies) // 2],
         "p95_ms": 1000 * latencies[int(len(latencies) * 0.95)],
+        "ui_cpu_ms": 1000 * (cpu_after[0] - cpu_before[0]) / len(statuses),
+        "children_cpu_ms": 1000 * (cpu_after[1] - cpu_before[1]) / len(statuses),
     }
 
 
@@ -240,7 +242,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--per-client", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured load, per target")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of the same load before")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ui-"))
@@ -254,29 +257,33 @@ def main() -> None:
                 f"{statistics.median(saved):.1f} ms",
                 flush=True,
             )
-            with cpu_per_request(pid, args.clients * args.per_client) as api_cpu:
-                figures = throughput(url, "/api/predictions", args.clients, args.per_client)
-            stats = httpx.get(f"{url}/api/stats", timeout=10).json()
+            # Warm-up with the same load: the figures are a running server's steady state (the Java
+            # frontend's JIT, connection pools, PostgreSQL's caches), not its first seconds.
+            throughput(url, "/api/predictions", args.clients, args.warmup, pid)
+            rows_before = httpx.get(f"{url}/api/stats", timeout=10).json()["total"]
+            figures = throughput(url, "/api/predictions", args.clients, args.seconds, pid)
+            rows = httpx.get(f"{url}/api/stats", timeout=10).json()["total"] - rows_before
             print(
-                f"POST /api/predictions, {args.clients} concurrent clients: "
-                f"{figures['stored_per_s']:.0f} stored predictions/s ({figures['stored']} of "
-                f"{figures['requests']} in {figures['seconds']:.1f} s, other statuses: "
-                f"{figures['other_statuses']}); latency p50 {figures['p50_ms']:.0f} ms, "
-                f"p95 {figures['p95_ms']:.0f} ms; rows in the database: {stats['total']}",
+                f"POST /api/predictions, {args.clients} concurrent clients, {args.seconds:.0f} s after "
+                f"{args.warmup:.0f} s of warm-up: {figures['stored_per_s']:.0f} stored predictions/s "
+                f"({figures['stored']} answered 201 of {figures['requests']}, new rows in the database: "
+                f"{rows}, other statuses: {figures['other_statuses']}); latency p50 "
+                f"{figures['p50_ms']:.0f} ms, p95 {figures['p95_ms']:.0f} ms",
                 flush=True,
             )
-            with cpu_per_request(pid, args.clients * args.per_client) as direct_cpu:
-                direct = throughput(inference_url, "/predictions/mnist", args.clients, args.per_client)
+            throughput(inference_url, "/predictions/mnist", args.clients, args.warmup, pid)
+            direct = throughput(inference_url, "/predictions/mnist", args.clients, args.seconds, pid)
             print(
                 f"for comparison, TorchServe alone (POST /predictions/mnist, same clients): "
                 f"{direct['stored_per_s']:.0f} answers/s; latency p50 {direct['p50_ms']:.0f} ms, "
-                f"p95 {direct['p95_ms']:.0f} ms (statuses {direct['statuses']})",
+                f"p95 {direct['p95_ms']:.0f} ms (statuses {direct['statuses']}); API / TorchServe alone: "
+                f"{figures['stored_per_s'] / direct['stored_per_s']:.2f}",
                 flush=True,
             )
             print(
-                f"CPU per request: through the UI {api_cpu['ui']:.1f} ms in the UI process + "
-                f"{api_cpu['torchserve']:.1f} ms in TorchServe; "
-                f"TorchServe alone {direct_cpu['torchserve']:.1f} ms",
+                f"CPU per request: through the UI {figures['ui_cpu_ms']:.1f} ms in the UI process + "
+                f"{figures['children_cpu_ms']:.1f} ms in TorchServe and PostgreSQL; "
+                f"TorchServe alone {direct['children_cpu_ms']:.1f} ms",
                 flush=True,
             )
             print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
