@@ -25,7 +25,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,16 +41,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.ui.live import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
+
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 # Times, in the page's own clock, from the Predict click to the answer shown and to "saved as #id".
 OBSERVER_JS = """() => {
@@ -73,12 +67,6 @@ OBSERVER_JS = """() => {
     }
   }).observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
 }"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def mnist_pngs(count: int) -> list[bytes]:
