@@ -335,7 +335,7 @@ def start(
     deadline = time.monotonic() + timeout
     try:
         wait_api(config, timeout, process.pid)
-        register(config, deadline - time.monotonic())
+        register(config, max(deadline - time.monotonic(), 1.0))
         wait_ready(config, max(deadline - time.monotonic(), 1.0), process.pid)
     except BaseException:
         stop(config)

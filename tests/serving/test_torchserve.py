@@ -102,6 +102,15 @@ def cli_env(config: ServeConfig) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
+def test_start_fails_clearly_when_the_archive_cannot_be_registered(tmp_path):
+    config = session_config(tmp_path)
+    config.mar_file.write_bytes(b"not a model archive")
+    with pytest.raises(ServeError, match=r"registering mnist\.mar failed: HTTP \d{3}"):
+        start(config, timeout=120)
+    assert read_pid(config) is None and busy_ports(config) == []
+
+
 def run_cli(action: str, config: ServeConfig) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "serving", action],
