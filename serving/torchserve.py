@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,20 +238,31 @@ def is_ready(management_url: str, model_name: str) -> bool:
     return bool(workers) and all(w.get("status") == "READY" for w in workers)
 
 
-def wait_api(config: ServeConfig, timeout: float, pid: int | None = None) -> None:
-    """Return once the management API answers; raise `ServeError` on timeout or if TorchServe exits."""
+def _wait_until(
+    config: ServeConfig, done: Callable[[], bool], timeout: float, pid: int | None, what: str
+) -> None:
+    """Poll `done` until true; `ServeError` naming `what` on timeout, or if TorchServe (`pid`) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pid is not None and not _alive(pid):
             raise ServeError(f"TorchServe exited while starting.\n{log_tail(config)}")
-        try:
-            httpx.get(f"{config.management_url}/models", timeout=2).raise_for_status()
+        if done():
             return
-        except httpx.HTTPError:
-            time.sleep(0.25)
-    raise ServeError(
-        f"management API {config.management_url} not answering after {timeout:.0f} s.\n{log_tail(config)}"
-    )
+        time.sleep(0.25)
+    raise ServeError(f"{what} after {timeout:.0f} s.\n{log_tail(config)}")
+
+
+def _api_answers(config: ServeConfig) -> bool:
+    try:
+        return httpx.get(f"{config.management_url}/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_api(config: ServeConfig, timeout: float, pid: int | None = None) -> None:
+    """Return once the management API answers; raise `ServeError` on timeout or if TorchServe exits."""
+    what = f"management API {config.management_url} not answering"
+    _wait_until(config, lambda: _api_answers(config), timeout, pid, what)
 
 
 def register(config: ServeConfig, timeout: float = START_TIMEOUT_S) -> None:
@@ -284,16 +295,12 @@ def wait_ready(config: ServeConfig, timeout: float = START_TIMEOUT_S, pid: int |
 
     `/ping` is not enough: it is healthy before any worker has loaded the model.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pid is not None and not _alive(pid):
-            raise ServeError(f"TorchServe exited while starting.\n{log_tail(config)}")
-        if is_ready(config.management_url, config.model_name):
-            return
-        time.sleep(0.5)
-    raise ServeError(
-        f"model {config.model_name!r} not READY after {timeout:.0f} s "
-        f"({config.management_url}/models/{config.model_name}).\n{log_tail(config)}"
+    _wait_until(
+        config,
+        lambda: is_ready(config.management_url, config.model_name),
+        timeout,
+        pid,
+        f"model {config.model_name!r} not READY ({config.management_url}/models/{config.model_name})",
     )
 
 

@@ -17,15 +17,11 @@ import pytest
 from PIL import Image
 
 from handlers.preprocess import normalize, preprocess
+from tests.fixtures.torchserve import manifest_version
 from tests.handlers.renditions import RENDITIONS, png, read_mnist_test, render
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = {"digit", "confidence", "probabilities", "input", "model_version"}
-
-
-def manifest_version(mar: Path) -> str:
-    with zipfile.ZipFile(mar) as z:
-        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
 
 
 def check_prediction(body: dict, version: str) -> None:

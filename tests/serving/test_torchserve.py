@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from serving.torchserve import ServeConfig, ServeError, busy_ports, environment, read_pid, start, stop
-from tests.fixtures.torchserve import free_ports, session_config
+from tests.fixtures.torchserve import free_ports, manifest_version, session_config
 from tests.handlers.renditions import png, read_mnist_test
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,9 +207,7 @@ def test_describe_shows_the_registered_workers_and_batching(torchserve):
     """`start` registers the archive's version with ServeConfig's workers and batching, delay 0 kept."""
     (model,) = describe(torchserve)
     config = torchserve.config
-    with zipfile.ZipFile(config.mar_file) as mar:
-        version = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
-    assert (model["modelName"], model["modelVersion"]) == ("mnist", version)
+    assert (model["modelName"], model["modelVersion"]) == ("mnist", manifest_version(config.mar_file))
     assert (model["batchSize"], model["maxBatchDelay"]) == (config.batch_size, config.max_batch_delay_ms)
     assert (config.batch_size, config.max_batch_delay_ms) == (4, 0)  # the tuned defaults
     assert [w["status"] for w in model["workers"]] == ["READY"] * config.workers
