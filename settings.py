@@ -40,9 +40,12 @@ class Settings(BaseSettings):
     ui_port: int = Field(default=8500, ge=1, le=65535)
     storage_secret: str | None = None  # NiceGUI's browser storage; generated per run when unset
 
-    # Where local state lives: embedded PostgreSQL data, TorchServe logs and pid files.
+    # Where local state lives: embedded PostgreSQL data and the UI's outbox (`data_dir/outbox`:
+    # predictions and labels accepted while the database was down); TorchServe logs and pid files.
     data_dir: Path = ROOT / ".data"
     run_dir: Path = ROOT / ".run"
+    # The outbox's size limit; beyond it the API answers 503 until the database takes what waits.
+    outbox_max_bytes: int = Field(default=256_000_000, gt=0)
 
     # Input limits shared by the API and the page.
     max_upload_bytes: int = Field(default=2_000_000, gt=0)

@@ -88,7 +88,9 @@ def fill(url: str, rows: int, png: bytes) -> None:
     rng = random.Random(2)
     pixels = bytes(784)
     with psycopg.connect(url) as conn:
-        (have,) = conn.execute("SELECT count(*) FROM predictions").fetchone()
+        row = conn.execute("SELECT count(*) FROM predictions").fetchone()
+        assert row is not None
+        (have,) = row
         copy_sql = (
             "COPY predictions (digit, confidence, probabilities, model_name, model_version, latency_ms, "
             "true_label, labelled_at) FROM STDIN"
@@ -123,7 +125,7 @@ def fill(url: str, rows: int, png: bytes) -> None:
 
 async def stats_ms(url: str, repeats: int) -> tuple[float, int]:
     async with await Store.open(url) as store:
-        await store.stats()  # warm
+        stats = await store.stats()  # warm
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()

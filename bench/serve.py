@@ -64,7 +64,7 @@ class Client:
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         self.path = parts.path
-        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
 
     def post(self, body: bytes) -> tuple[int, bytes]:
         self.conn.request("POST", self.path, body=body, headers={"Content-Type": "image/png"})
@@ -221,7 +221,7 @@ def report_matrix(config: ServeConfig, body: bytes, seconds: float) -> None:
     for workers, batch, delay in SETTINGS:
         name = f"mnist_w{workers}_b{batch}_d{delay}"
         variant = register_variant(config, name, workers, batch, delay)
-        scale = {"min_worker": 0, "max_worker": 0, "synchronous": "true"}
+        scale: dict[str, str | int] = {"min_worker": 0, "max_worker": 0, "synchronous": "true"}
         httpx.put(f"{management}/models/mnist", params=scale, timeout=120)
         rates = [throughput(variant, body, c, seconds)[0] for c in (8, 32)]
         label = f"{workers} worker(s), batch {batch:2d}, {delay} ms"

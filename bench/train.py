@@ -43,7 +43,8 @@ def training_speed(images: np.ndarray, labels: np.ndarray, batches: int, repeats
     """Images per second of full training steps, one figure per repeat."""
     cfg = train.TrainConfig()
     gen = torch.Generator().manual_seed(0)
-    model = Net().to(memory_format=torch.channels_last).train()
+    # torch's stubs lack to(memory_format=...)
+    model = Net().to(memory_format=torch.channels_last).train()  # type: ignore[call-overload]
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x, y = torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)).long()
     rates = []
@@ -107,7 +108,7 @@ def main() -> int:
     print(f"implied seconds per 60,000-image epoch: {60000 / rate:.1f}")
     print(
         "load average (1, 5, 15 min) at the end: {:.1f} {:.1f} {:.1f} on {} CPUs".format(
-            *os.getloadavg(), os.cpu_count()
+            *os.getloadavg(), os.cpu_count() or 0
         )
     )
 

@@ -178,7 +178,7 @@ def throughput(url: str, path: str, clients: int, seconds: float, pid: int) -> d
     parts = urlsplit(url)
 
     def client(index: int, until: float, latencies: list[float], statuses: list[int]) -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
         try:
             n = 0
             while time.perf_counter() < until:

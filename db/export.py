@@ -5,25 +5,26 @@ The zip holds:
   model_name, model_version, created_at, labelled_at), ordered by id;
 - `png/<true_label>/<id>.png`: the drawings as people made them;
 - `images-idx3-ubyte.gz` and `labels-idx1-ubyte.gz`: what the model saw (28x28 uint8, MNIST-style)
-  with the true labels, in the gzip-compressed IDX format of the MNIST files, in the CSV's order.
+  with the true labels, in the gzip-compressed IDX format of the MNIST files, in the CSV's order
+  (`training.idx.decode` reads them back).
 
-`python -m db.export out.zip` writes it from `DATABASE_URL` (or the embedded server).
+The rows come from `Store.labelled()`; building the zip is pure. `python -m db export out.zip`
+writes it from `DATABASE_URL` (or the embedded server).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import gzip
 import io
-import struct
-import sys
 import zipfile
-from collections.abc import Sequence
-from datetime import datetime
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import AsyncIterable, Iterable
+
+import numpy as np
+
+from db.records import INPUT_PIXELS, LabelledRow
+from training import idx
 
 CSV_HEADER = (
     "id",
@@ -40,96 +41,79 @@ IMAGES_IDX = "images-idx3-ubyte.gz"
 LABELS_IDX = "labels-idx1-ubyte.gz"
 SIDE = 28
 
-
-class ExportRow(NamedTuple):
-    """One labelled prediction, blobs included."""
-
-    id: int
-    true_label: int
-    digit: int
-    confidence: float
-    model_name: str
-    model_version: str
-    created_at: datetime
-    labelled_at: datetime
-    image_png: bytes
-    input_pixels: bytes
+ExportRow = LabelledRow  # the former name of the record
 
 
-def png_path(row: ExportRow) -> str:
+def png_path(row: LabelledRow) -> str:
     return f"png/{row.true_label}/{row.id}.png"
 
 
-def idx_images(pixels: Sequence[bytes]) -> bytes:
-    """IDX3 bytes (magic 0x803): n x 28 x 28 uint8."""
-    return struct.pack(">IIII", 0x0803, len(pixels), SIDE, SIDE) + b"".join(pixels)
+class ExportWriter:
+    """The zip built one row at a time: each drawing goes into the zip as it comes, so only the zip
+    itself and the small per-row data (28x28 pixels, a CSV line) are held, never the rows."""
 
+    def __init__(self) -> None:
+        self._buffer = io.BytesIO()
+        self._zip = zipfile.ZipFile(self._buffer, "w")
+        self._csv = io.StringIO()
+        self._writer = csv.writer(self._csv, lineterminator="\n")
+        self._writer.writerow(CSV_HEADER)
+        self._pixels = bytearray()
+        self._labels = bytearray()
+        self.count = 0
 
-def idx_labels(labels: Sequence[int]) -> bytes:
-    """IDX1 bytes (magic 0x801): n uint8 labels."""
-    return struct.pack(">II", 0x0801, len(labels)) + bytes(labels)
-
-
-def labels_csv(rows: Sequence[ExportRow]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for r in rows:
-        writer.writerow(
+    def add(self, row: LabelledRow) -> None:
+        if len(row.input_pixels) != INPUT_PIXELS:
+            raise ValueError(f"prediction {row.id}: input_pixels has {len(row.input_pixels)} bytes")
+        self._zip.writestr(png_path(row), row.image_png, compress_type=zipfile.ZIP_STORED)
+        self._writer.writerow(
             (
-                r.id,
-                png_path(r),
-                r.true_label,
-                r.digit,
-                f"{r.confidence:.6f}",
-                r.model_name,
-                r.model_version,
-                r.created_at.isoformat(),
-                r.labelled_at.isoformat(),
+                row.id,
+                png_path(row),
+                row.true_label,
+                row.digit,
+                f"{row.confidence:.6f}",
+                row.model_name,
+                row.model_version,
+                row.created_at.isoformat(),
+                row.labelled_at.isoformat(),
             )
         )
-    return out.getvalue()
+        self._pixels += row.input_pixels
+        self._labels.append(row.true_label)
+        self.count += 1
+
+    def finish(self) -> bytes:
+        """The zip's bytes (CPU-bound: compresses the CSV and the IDX files)."""
+        images = np.frombuffer(bytes(self._pixels), dtype=np.uint8).reshape(-1, SIDE, SIDE)
+        labels = np.frombuffer(bytes(self._labels), dtype=np.uint8)
+        self._zip.writestr("labels.csv", self._csv.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+        self._zip.writestr(IMAGES_IDX, gzip.compress(idx.encode(images), mtime=0))
+        self._zip.writestr(LABELS_IDX, gzip.compress(idx.encode(labels), mtime=0))
+        self._zip.close()
+        return self._buffer.getvalue()
 
 
-def build_export(rows: Sequence[ExportRow]) -> bytes:
-    """The zip described in the module docstring, as bytes."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        zf.writestr("labels.csv", labels_csv(rows), compress_type=zipfile.ZIP_DEFLATED)
-        for r in rows:
-            zf.writestr(png_path(r), r.image_png, compress_type=zipfile.ZIP_STORED)
-        images = gzip.compress(idx_images([r.input_pixels for r in rows]), mtime=0)
-        labels = gzip.compress(idx_labels([r.true_label for r in rows]), mtime=0)
-        zf.writestr(IMAGES_IDX, images, compress_type=zipfile.ZIP_STORED)
-        zf.writestr(LABELS_IDX, labels, compress_type=zipfile.ZIP_STORED)
-    return buffer.getvalue()
+def build_export(rows: Iterable[LabelledRow]) -> bytes:
+    """The zip described in the module docstring, as bytes (rows in id order, read once)."""
+    writer = ExportWriter()
+    for row in rows:
+        writer.add(row)
+    return writer.finish()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m db.export", description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="the zip to write")
-    parser.add_argument("--url", help="PostgreSQL URL (default: DATABASE_URL, else the embedded server)")
-    args = parser.parse_args(argv)
-
-    from db.runtime import database_url
-    from db.store import Store, StoreError
-
-    async def export(url: str) -> bytes:
-        async with await Store.open(url) as store:
-            return await store.export_labelled()
-
-    try:
-        with database_url(args.url) as url:
-            data = asyncio.run(export(url))
-    except StoreError as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 1
-    args.out.write_bytes(data)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        count = sum(1 for name in zf.namelist() if name.endswith(".png"))
-    print(f"wrote {args.out}: {count} labelled drawings")
-    return 0
+async def export_zip(rows: AsyncIterable[LabelledRow]) -> bytes:
+    """`build_export` over `Store.labelled()`: rows are added as they arrive, and the compression
+    runs in a thread so that the event loop keeps serving meanwhile."""
+    writer = ExportWriter()
+    async for row in rows:
+        writer.add(row)
+    return await asyncio.to_thread(writer.finish)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the former command, `python -m db.export OUT.zip [--url URL]`
+    import sys
+
+    from db.__main__ import main
+
+    sys.exit(main(["export", *sys.argv[1:]]))

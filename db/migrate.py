@@ -1,14 +1,13 @@
 """Apply the plain SQL files in `db/migrations/` in order, once each.
 
-`python -m db.migrate` migrates `DATABASE_URL` (or, when unset, the embedded server under
-`data_dir/postgres`). Each file runs in its own transaction and is recorded in `schema_migrations`
-with its SHA-256; a PostgreSQL advisory lock serialises concurrent runs; an applied file whose
-content has changed since is an error, never silently re-run.
+`python -m db migrate` (in `db/__main__.py`) migrates `DATABASE_URL`, or, when unset, the embedded
+server under `data_dir/postgres`. Each file runs in its own transaction and is recorded in
+`schema_migrations` with its SHA-256; a PostgreSQL advisory lock serialises concurrent runs; an
+applied file whose content has changed since is an error, never silently re-run.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
 import sys
@@ -114,23 +113,7 @@ def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     return applied_now
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: migrate `--url`, `DATABASE_URL`, or the embedded server."""
-    parser = argparse.ArgumentParser(prog="python -m db.migrate", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="PostgreSQL URL (default: DATABASE_URL, else the embedded server)")
-    args = parser.parse_args(argv)
+if __name__ == "__main__":  # the former command, `python -m db.migrate [--url URL]`
+    from db.__main__ import main
 
-    from db.runtime import database_url
-
-    try:
-        with database_url(args.url) as url:
-            names = migrate(url)
-    except MigrationError as exc:
-        print(f"migration error: {exc}", file=sys.stderr)
-        return 1
-    print("applied: " + ", ".join(names) if names else "up to date: nothing to apply")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["migrate", *sys.argv[1:]]))

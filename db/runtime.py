@@ -1,8 +1,11 @@
 """Which database the app uses: `DATABASE_URL`, or an embedded server under `data_dir/postgres`.
 
-For the app: `db = start_database()` at start-up (starts the embedded server if needed and applies
-the migrations), `db.url` for `Store.open`, `db.stop()` at shutdown. For scripts: `with
-database_url() as url: ...`.
+`start_database` is the one place that starts a database. For a program: `db = start_database()`
+at start-up (starts the embedded server if needed and applies the migrations), `db.url` for
+`Store.open`, `db.stop()` at shutdown. For a command: `with database_url() as url: ...`.
+
+The embedded server's module (and its package, absent from the UI image) is imported only when
+no URL is given.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
 from settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from db.embedded import EmbeddedPostgres
 
 
 @dataclass
@@ -50,6 +56,8 @@ def start_database(
 
 
 def _embedded(settings: Settings) -> Database:
+    from db.embedded import EmbeddedPostgres
+
     server = EmbeddedPostgres(settings.data_dir / "postgres")
     return Database(server.start(), server)
 

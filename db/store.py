@@ -4,164 +4,83 @@ Every failure to reach the server (refused, down, restarting, pool exhausted) is
 `DatabaseUnavailable`: at once when the server is known to be down, at worst after the pool
 timeout (3 s). The pool reconnects by itself once the server is back, and connections a restart
 broke are dropped before use. Other database errors are `StoreError`.
+
+Connections are taken from the pool and given back in tasks of their own, shielded from the
+caller's cancellation. NiceGUI cancels page builds that take too long, and a cancellation that
+lands inside psycopg_pool's `getconn()` or `putconn()` can lose the connection for good (upstream
+psycopg issues #1208, #1275, #1345); enough of them and the pool has none left, forever.
+
+The records, the rules and the errors live in `db.records` and `db.errors` (re-exported here for
+older imports); this module is the I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-from collections.abc import AsyncIterator, Sequence
+import itertools
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from db.export import ExportRow, build_export
+from db.detach import detach
+from db.errors import DatabaseUnavailable, InvalidLabel, InvalidPrediction, PredictionNotFound, StoreError
+from db.records import (
+    INPUT_PIXELS,
+    MAX_PNG_BYTES,
+    MAX_TEXT,
+    PNG_SIGNATURE,
+    LabelledRow,
+    NewPrediction,
+    PoolHealth,
+    PredictionRow,
+    is_count,
+    validate_id,
+    validate_key,
+    validate_label,
+    validate_prediction,
+)
 from db.stats import DigitStats, Stats, compute_stats
 
-__all__ = [  # the statistics types live in db.stats; they are part of this module's interface
+__all__ = [  # the records, errors and statistics types are re-exported for older imports
+    "INPUT_PIXELS",
+    "MAX_PNG_BYTES",
+    "MAX_TEXT",
+    "PNG_SIGNATURE",
     "DatabaseUnavailable",
     "DigitStats",
     "InvalidLabel",
     "InvalidPrediction",
+    "LabelledRow",
     "NewPrediction",
+    "PoolHealth",
     "PredictionNotFound",
     "PredictionRow",
     "Stats",
     "Store",
     "StoreError",
     "compute_stats",
+    "validate_id",
+    "validate_label",
+    "validate_prediction",
 ]
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_PNG_BYTES = 2_000_000  # also a CHECK constraint in the schema
-INPUT_PIXELS = 28 * 28
-MAX_TEXT = 200
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 MAX_PAGE = 500
 MAX_BATCH = 100  # predictions written in one transaction
 POOL_TIMEOUT_S = 3.0  # how long a caller waits for a connection before DatabaseUnavailable
 CONNECT_TIMEOUT_S = 3
 RECONNECT_TIMEOUT_S = 5.0  # a background reconnect gives up after this; the next request retries
-
-
-class StoreError(Exception):
-    """Base of every error this module raises."""
-
-
-class DatabaseUnavailable(StoreError):
-    """The server cannot be reached (down, restarting, overloaded); nothing was saved, retry later."""
-
-
-class PredictionNotFound(StoreError, LookupError):
-    """No prediction has this id."""
-
-
-class InvalidLabel(StoreError, ValueError):
-    """A true label must be an integer digit 0-9."""
-
-
-class InvalidPrediction(StoreError, ValueError):
-    """A prediction breaks a rule of the schema (digit range, probabilities, PNG, ...)."""
-
-
-@dataclass(frozen=True)
-class NewPrediction:
-    """A prediction to record. `input_pixels` is the model's 28x28 uint8 input, row-major (784 bytes)."""
-
-    digit: int
-    confidence: float
-    probabilities: Sequence[float]
-    model_name: str
-    model_version: str
-    latency_ms: float
-    image_png: bytes
-    input_pixels: bytes
-
-
-@dataclass(frozen=True)
-class PredictionRow:
-    """A stored prediction without its blobs (`Store.image_png` fetches the drawing)."""
-
-    id: int
-    created_at: datetime
-    digit: int
-    confidence: float
-    probabilities: list[float]
-    model_name: str
-    model_version: str
-    latency_ms: float
-    true_label: int | None
-    labelled_at: datetime | None
-
-    @property
-    def correct(self) -> bool | None:
-        """Whether the prediction matches the true label; None while unlabelled."""
-        return None if self.true_label is None else self.true_label == self.digit
-
-
-# -- pure logic ------------------------------------------------------------------------------------
-def validate_prediction(p: NewPrediction) -> None:
-    """Raise InvalidPrediction with a clear message if `p` breaks a rule of the schema."""
-
-    def fail(message: str) -> None:
-        raise InvalidPrediction(message)
-
-    if not _is_digit(p.digit):
-        fail(f"digit must be an integer 0-9, got {p.digit!r}")
-    if not _is_probability(p.confidence):
-        fail(f"confidence must be a number from 0 to 1, got {p.confidence!r}")
-    if len(p.probabilities) != 10:
-        fail(f"probabilities must have 10 values, got {len(p.probabilities)}")
-    if not all(_is_probability(x) for x in p.probabilities):
-        fail("probabilities must be numbers from 0 to 1")
-    for name in ("model_name", "model_version"):
-        value = getattr(p, name)
-        if not isinstance(value, str) or not 1 <= len(value) <= MAX_TEXT or "\x00" in value:
-            fail(f"{name} must be a text of 1-{MAX_TEXT} characters without NUL")
-    if not _is_number(p.latency_ms) or p.latency_ms < 0:
-        fail(f"latency_ms must be a number >= 0, got {p.latency_ms!r}")
-    if not isinstance(p.image_png, bytes | bytearray | memoryview) or bytes(p.image_png[:8]) != PNG_SIGNATURE:
-        fail("image_png must be PNG bytes")
-    if len(p.image_png) > MAX_PNG_BYTES:
-        fail(f"image_png is {len(p.image_png):,} bytes; at most {MAX_PNG_BYTES:,} are stored")
-    if not isinstance(p.input_pixels, bytes | bytearray | memoryview) or len(p.input_pixels) != INPUT_PIXELS:
-        fail(f"input_pixels must be {INPUT_PIXELS} bytes (28x28 uint8)")
-
-
-def validate_label(label: object) -> int:
-    """The label as an int, or InvalidLabel."""
-    if not _is_digit(label):
-        raise InvalidLabel(f"a label is a digit 0-9, got {label!r}")
-    return int(label)  # type: ignore[call-overload]
-
-
-def validate_id(prediction_id: object) -> int:
-    """An id as an int; anything that cannot be a stored id is PredictionNotFound."""
-    if (
-        not isinstance(prediction_id, int)
-        or isinstance(prediction_id, bool)
-        or not 1 <= prediction_id < 2**63
-    ):
-        raise PredictionNotFound(f"no prediction with id {prediction_id!r}")
-    return prediction_id
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_probability(x: object) -> bool:
-    return _is_number(x) and 0 <= x <= 1  # type: ignore[operator]
-
-
-def _is_digit(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 9
+KEY_RACE_RETRIES = 3  # see Store._insert
 
 
 def _short(exc: BaseException) -> str:
@@ -203,23 +122,46 @@ def _is_stale(conn: AsyncConnection[Any]) -> bool:
     return pgconn.status != ConnStatus.OK
 
 
-# -- I/O -------------------------------------------------------------------------------------------
+def _params(p: NewPrediction) -> tuple[Any, ...]:
+    """The parameters of INSERT for one (validated) prediction."""
+    return (
+        p.created_at,
+        p.digit,
+        float(p.confidence),
+        [float(x) for x in p.probabilities],
+        p.model_name,
+        p.model_version,
+        float(p.latency_ms),
+        p.key,
+        bytes(p.image_png),
+        bytes(p.input_pixels),
+        p.key,
+    )
+
+
 COLUMNS = (
     "id, created_at, digit, confidence, probabilities, model_name, model_version, latency_ms, "
     "true_label, labelled_at"
 )
 
+# One row: the new id, or, when a row with the same key exists, its id (nothing stored, so the
+# counters of migration 0003 do not count it twice). NULL in one case: the row with that key was
+# committed by another transaction while this statement ran, after its snapshot was taken; running
+# the statement again (a new snapshot) finds it.
 INSERT = """
 WITH p AS (
-    INSERT INTO predictions (digit, confidence, probabilities, model_name, model_version, latency_ms)
-    VALUES (%s, %s, %s, %s, %s, %s)
+    INSERT INTO predictions
+        (created_at, digit, confidence, probabilities, model_name, model_version, latency_ms, key)
+    VALUES (coalesce(%s::timestamptz, now()), %s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (key) DO NOTHING
     RETURNING id
+), i AS (
+    INSERT INTO prediction_images (prediction_id, image_png, input_pixels)
+    SELECT id, %s, %s FROM p
+    RETURNING prediction_id
 )
-INSERT INTO prediction_images (prediction_id, image_png, input_pixels)
-SELECT id, %s, %s FROM p
-RETURNING prediction_id
+SELECT coalesce((SELECT prediction_id FROM i), (SELECT id FROM predictions WHERE key = %s))
 """
-
 
 # (model_version, true_label or None, predicted digit, count): the same as grouping `predictions`,
 # read from the counters that migration 0003's triggers keep.
@@ -228,6 +170,14 @@ SELECT model_version, nullif(true_label, -1), digit, sum(n)::bigint
 FROM prediction_counts
 GROUP BY model_version, true_label, digit
 HAVING sum(n) <> 0
+"""
+
+LABELLED = """
+SELECT id, true_label, digit, confidence, model_name, model_version, created_at, labelled_at,
+       image_png, input_pixels
+FROM predictions JOIN prediction_images ON prediction_id = id
+WHERE true_label IS NOT NULL
+ORDER BY id
 """
 
 
@@ -244,6 +194,12 @@ class Store:
         self._suspect_down = False
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []  # predictions to write
         self._writer: asyncio.Task[None] | None = None
+        # For pool_health(): when each caller now waiting for a connection began (oldest first),
+        # and when the first caller that got none (pool timeout) began, since the last that got one.
+        self._wait_starts: dict[int, float] = {}
+        self._tickets = itertools.count()
+        self._starved_since: float | None = None
+        self._background: set[asyncio.Future[Any]] = set()  # connections being taken or given back
 
     @classmethod
     async def open(cls, url: str, *, max_size: int = 8, timeout: float = POOL_TIMEOUT_S) -> Store:
@@ -273,6 +229,7 @@ class Store:
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await self._writer
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._pool.close()
 
     async def __aenter__(self) -> Store:
@@ -281,12 +238,61 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # -- connections ---------------------------------------------------------------------------------
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
         """A pooled autocommit connection; connection failures become DatabaseUnavailable."""
         try:
             if self._suspect_down:
                 await self._probe()
+            conn = await self._checkout()
+            try:
+                yield conn
+            finally:
+                await self._checkin(conn)
+        except psycopg.OperationalError as exc:  # includes PoolTimeout
+            self._suspect_down = True
+            raise DatabaseUnavailable(_short(exc)) from exc
+        except psycopg.Error as exc:  # e.g. the schema is missing: migrations not applied
+            raise StoreError(f"database error: {exc.diag.message_primary or exc}") from exc
+
+    async def _checkout(self) -> AsyncConnection[Any]:
+        """`_acquire`, shielded from the caller's cancellation (`db.detach`): if the caller is
+        cancelled while the pool is handing over a connection, the connection goes back once taken."""
+        taking = self._detach(self._acquire())
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(self._give_back)
+            raise
+
+    def _give_back(self, taking: asyncio.Future[AsyncConnection[Any]]) -> None:
+        if not taking.cancelled() and taking.exception() is None:
+            self._detach(self._pool.putconn(taking.result()))
+
+    async def _checkin(self, conn: AsyncConnection[Any]) -> None:
+        """`putconn`, shielded from the caller's cancellation: the connection is back in the pool even
+        if the caller is cancelled meanwhile."""
+        await asyncio.shield(self._detach(self._pool.putconn(conn)))
+
+    def _detach(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        future = detach(coro)
+        if not future.done():  # a task: the loop keeps only a weak reference to it
+            self._background.add(future)
+            future.add_done_callback(self._done_in_background)
+        return future
+
+    def _done_in_background(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        exc = None if future.cancelled() else future.exception()  # retrieved: no "never retrieved" noise
+        if exc is not None and not isinstance(exc, psycopg.Error):  # database errors reach the caller
+            log.warning("taking or giving back a connection failed: %r", exc)
+
+    async def _acquire(self) -> AsyncConnection[Any]:
+        """A live connection from the pool; records how long callers wait, for pool_health()."""
+        ticket = next(self._tickets)
+        started = self._wait_starts[ticket] = time.monotonic()
+        try:
             conn = await self._pool.getconn()
             probed = False
             while _is_stale(conn):  # the server closed it: it is down, or restarted since
@@ -295,21 +301,41 @@ class Store:
                     await self._probe()  # down: fail now rather than after the pool timeout
                     probed = True
                 conn = await self._pool.getconn()
-            try:
-                yield conn
-            finally:
-                await self._pool.putconn(conn)
-        except psycopg.OperationalError as exc:  # includes PoolTimeout
-            self._suspect_down = True
-            raise DatabaseUnavailable(_short(exc)) from exc
-        except psycopg.Error as exc:  # e.g. the schema is missing: migrations not applied
-            raise StoreError(f"database error: {exc.diag.message_primary or exc}") from exc
+        except PoolTimeout:
+            if self._starved_since is None:
+                self._starved_since = started
+            raise
+        finally:
+            del self._wait_starts[ticket]
+        self._starved_since = None
+        return conn
 
     async def _probe(self) -> None:
         """Connect once outside the pool: raises at once while the server is down, else clears the flag."""
-        conn = await AsyncConnection.connect(**self._connect_kwargs)
+        try:
+            conn = await AsyncConnection.connect(**self._connect_kwargs)
+        except psycopg.OperationalError:
+            self._starved_since = None  # the server is down: not an exhausted pool
+            raise
         await conn.close()
         self._suspect_down = False
+
+    def pool_health(self) -> PoolHealth:
+        """The pool's state now (no I/O). `exhausted_for_s` > 0 while callers wait and no connection is
+        free: since the oldest waiting caller began, or since the first caller that timed out with none
+        (a pool whose connections leaked stays exhausted across many timeouts)."""
+        stats = self._pool.get_stats()
+        size = stats.get("pool_size", 0)
+        idle = stats.get("pool_available", 0)
+        waiting = stats.get("requests_waiting", 0)
+        exhausted_for = 0.0
+        if idle == 0:
+            starts = [self._starved_since] if self._starved_since is not None else []
+            if waiting and self._wait_starts:
+                starts.append(next(iter(self._wait_starts.values())))
+            if starts:
+                exhausted_for = max(0.0, time.monotonic() - min(starts))
+        return PoolHealth(size=size, idle=idle, waiting=waiting, exhausted_for_s=exhausted_for)
 
     async def ping(self) -> bool:
         """Whether the server answers now (never raises)."""
@@ -320,26 +346,18 @@ class Store:
             return False
         return True
 
+    # -- writes ----------------------------------------------------------------------------------------
     async def record_prediction(self, p: NewPrediction) -> int:
-        """Store a prediction; return its id.
+        """Store a prediction; return its id. With a `key` that a stored row has already, store nothing
+        and return that row's id (an outbox replay or a client's retry is never stored twice).
 
         Calls made while a write is in flight are written together next, in one transaction (one
         disk flush), so the rate grows with the number of callers instead of being bound by the
         disk's flush rate or the pool size. A lone call is written at once.
         """
         validate_prediction(p)
-        params = (
-            p.digit,
-            float(p.confidence),
-            [float(x) for x in p.probabilities],
-            p.model_name,
-            p.model_version,
-            float(p.latency_ms),
-            bytes(p.image_png),
-            bytes(p.input_pixels),
-        )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((params, future))
+        self._pending.append((_params(p), future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
         return await future
@@ -377,18 +395,26 @@ class Store:
         async with self._connection() as conn:
             try:
                 if len(rows) == 1:
-                    cur = await conn.execute(INSERT, rows[0])
-                    return [int(row[0]) for row in await cur.fetchall()]
-                async with conn.transaction():
-                    cur = conn.cursor()
-                    await cur.executemany(INSERT, rows, returning=True)
-                    ids = []
-                    while True:
-                        row = await cur.fetchone()
-                        assert row is not None
-                        ids.append(int(row[0]))
-                        if not cur.nextset():
-                            return ids
+                    found = [await _one_id(await conn.execute(INSERT, rows[0]))]
+                else:
+                    async with conn.transaction():
+                        cur = conn.cursor()
+                        await cur.executemany(INSERT, rows, returning=True)
+                        found = [await _one_id(cur)]
+                        while cur.nextset():
+                            found.append(await _one_id(cur))
+                ids: list[int] = []
+                for params, new_id in zip(rows, found, strict=True):
+                    # A keyed row whose twin another transaction committed meanwhile: run it again
+                    # as a statement of its own, which sees that row (or stores this one if it went).
+                    for _ in range(KEY_RACE_RETRIES):
+                        if new_id is not None:
+                            break
+                        new_id = await _one_id(await conn.execute(INSERT, params))
+                    if new_id is None:
+                        raise StoreError(f"could not store nor find the prediction with key {params[7]!r}")
+                    ids.append(new_id)
+                return ids
             except (psycopg.IntegrityError, psycopg.DataError) as exc:
                 raise InvalidPrediction(f"rejected by the database: {exc.diag.message_primary}") from exc
 
@@ -404,6 +430,7 @@ class Store:
             if cur.rowcount == 0:
                 raise PredictionNotFound(f"no prediction with id {prediction_id}")
 
+    # -- reads -----------------------------------------------------------------------------------------
     async def get(self, prediction_id: int) -> PredictionRow:
         """One prediction (without blobs)."""
         prediction_id = validate_id(prediction_id)
@@ -414,11 +441,19 @@ class Store:
             raise PredictionNotFound(f"no prediction with id {prediction_id}")
         return PredictionRow(*row)
 
+    async def find_by_key(self, key: str) -> PredictionRow | None:
+        """The prediction stored with this request key, if any (InvalidPrediction for an impossible key)."""
+        key = validate_key(key)
+        async with self._connection() as conn:
+            cur = await conn.execute(f"SELECT {COLUMNS} FROM predictions WHERE key = %s", (key,))
+            row = await cur.fetchone()
+        return None if row is None else PredictionRow(*row)
+
     async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]:
         """Newest first, at most `limit` (1-500); the next page is `recent(limit, before_id=last.id)`."""
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        if not is_count(limit, 1, MAX_PAGE):
             raise ValueError(f"limit must be 1-{MAX_PAGE}, got {limit!r}")
-        if before_id is not None and (not isinstance(before_id, int) or isinstance(before_id, bool)):
+        if before_id is not None and not is_count(before_id, -(2**63)):
             raise ValueError(f"before_id must be an id, got {before_id!r}")
         before_id = None if before_id is None else min(before_id, 2**63 - 1)
         async with self._connection() as conn:
@@ -453,13 +488,43 @@ class Store:
             groups = await cur.fetchall()
         return compute_stats(groups)
 
-    async def export_labelled(self) -> bytes:
-        """A zip of the labelled drawings: PNGs, labels.csv and MNIST-style IDX files (see db.export)."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, true_label, digit, confidence, model_name, model_version, created_at, "
-                "labelled_at, image_png, input_pixels FROM predictions JOIN prediction_images "
-                "ON prediction_id = id WHERE true_label IS NOT NULL ORDER BY id"
-            )
-            rows = [ExportRow(*row[:8], bytes(row[8]), bytes(row[9])) for row in await cur.fetchall()]
-        return await asyncio.to_thread(build_export, rows)
+    async def labelled(self, batch_size: int = 500) -> AsyncGenerator[LabelledRow, None]:
+        """The labelled predictions with their blobs, by id, `batch_size` rows per round trip.
+
+        A server-side cursor: memory stays constant whatever the number of rows. The connection
+        is held until the iteration ends; stop early with `contextlib.aclosing(store.labelled())`.
+        `db.export.build_export` turns the rows into the zip.
+        """
+        if not is_count(batch_size, 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        async with (
+            self._connection() as conn,
+            conn.transaction(),
+            conn.cursor(name="labelled") as cur,
+        ):
+            cur.itersize = batch_size
+            await cur.execute(LABELLED)
+            async for row in cur:
+                yield _labelled_row(row)
+
+
+def _labelled_row(row: tuple[Any, ...]) -> LabelledRow:
+    """A row of LABELLED as a record (the blobs come as memoryview or bytes)."""
+    return LabelledRow(
+        id=row[0],
+        true_label=row[1],
+        digit=row[2],
+        confidence=row[3],
+        model_name=row[4],
+        model_version=row[5],
+        created_at=row[6],
+        labelled_at=row[7],
+        image_png=bytes(row[8]),
+        input_pixels=bytes(row[9]),
+    )
+
+
+async def _one_id(cur: psycopg.AsyncCursor[Any]) -> int | None:
+    """The id that one INSERT statement returned (None: see INSERT)."""
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else int(row[0])

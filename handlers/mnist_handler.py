@@ -27,7 +27,7 @@ from ts.torch_handler.base_handler import BaseHandler
 if __package__:
     from . import preprocess as pp
 else:  # inside the model archive every file sits flat in one folder on sys.path
-    import preprocess as pp  # type: ignore[no-redef]
+    import preprocess as pp  # type: ignore[no-redef,import-not-found]  # the archive's flat layout
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ def for_inference(model: torch.nn.Module) -> torch.nn.Module:
         logger.warning(
             "could not fold BatchNorm into the convolutions; serving the model as it is", exc_info=True
         )
-    return model.to(memory_format=torch.channels_last)
+    # torch's stubs lack to(memory_format=...)
+    fast: torch.nn.Module = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return fast
 
 
 class MnistHandler(BaseHandler):
@@ -85,7 +87,7 @@ class MnistHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         """Load the model (BaseHandler), speed it up, read the version and the input limits."""
         super().initialize(context)
-        self.model = for_inference(self.model)
+        self.model: torch.nn.Module = for_inference(self.model)
         self.model_version = str(context.manifest.get("model", {}).get("modelVersion", "unknown"))
         self.max_bytes = int(os.environ.get("MAX_UPLOAD_BYTES", pp.DEFAULT_MAX_BYTES))
         self.max_pixels = int(os.environ.get("MAX_IMAGE_PIXELS", pp.DEFAULT_MAX_PIXELS))

@@ -38,6 +38,7 @@ STROKE_TARGET = (1.5, 2.3)
 MAX_SIDE = 1024  # larger pictures are reduced to this before looking for the ink
 DEFAULT_MAX_PIXELS = 16_000_000  # decoded size limit (4000x4000), against decompression bombs
 DEFAULT_MAX_BYTES = 2_000_000  # request body limit (the app's MAX_UPLOAD_BYTES)
+NOT_JSON = 'invalid JSON: the body is not valid JSON; expected {"data": "<base64 image>"}'
 
 
 class PreprocessError(ValueError):
@@ -83,7 +84,8 @@ def decode_payload(
     """A request body -> the image bytes it carries.
 
     Accepts raw image bytes, or JSON `{"data": "<base64 or data: URL>"}` (as bytes, text, or the
-    dict a server already decoded). Raises `BadPayloadError` / `PayloadTooLargeError`.
+    dict a server already decoded). Raises `BadPayloadError` / `PayloadTooLargeError`. The UI's
+    JSON API decodes its bodies with this too: one rule for both servers.
     """
     if isinstance(body, bytes | bytearray):
         body = bytes(body)
@@ -95,7 +97,7 @@ def decode_payload(
         try:
             body = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
-            raise BadPayloadError(f'invalid JSON: expected {{"data": "<base64 image>"}} ({exc})') from exc
+            raise BadPayloadError(f"{NOT_JSON} ({exc})") from exc
     elif isinstance(body, str):
         _check_size(len(body), max_bytes)
         text = body.strip()
@@ -104,7 +106,7 @@ def decode_payload(
         try:
             body = json.loads(text)
         except ValueError as exc:
-            raise BadPayloadError(f'invalid JSON: expected {{"data": "<base64 image>"}} ({exc})') from exc
+            raise BadPayloadError(f"{NOT_JSON} ({exc})") from exc
     elif body is None:
         raise BadPayloadError("empty body: send a PNG, JPEG or WebP image")
     if not isinstance(body, dict) or not isinstance(body.get("data"), str):
@@ -139,7 +141,7 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if not data:
         raise NotAnImageError("empty body: send a PNG, JPEG or WebP image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image too large: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -202,7 +204,8 @@ def _ink(img: Image.Image) -> np.ndarray:
     else:
         ink = grey - background
         scale = 1.0 - background
-    return np.clip(ink / max(scale, 1e-6), 0.0, 1.0)
+    levels: np.ndarray = np.clip(ink / max(scale, 1e-6), 0.0, 1.0)
+    return levels
 
 
 def shrink(img: Image.Image) -> Image.Image:

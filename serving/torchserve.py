@@ -15,6 +15,10 @@ already queued", which is what keeps one request fast and many requests cheap (s
     server = start()          # ServeConfig.from_settings(); returns once every worker is READY
     ...
     stop()                    # or server.stop()
+
+Every management call goes through `serving.management` (readiness: its `is_ready`); ports are
+probed with `serving.ports.port_free`. Keeping TorchServe up (restarts, a watchdog for when its
+owner dies) is `serving.supervisor`'s job.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +37,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import psutil
+
+from serving.management import (
+    Description,
+    ManagementClient,
+    ManagementError,
+    is_ready,
+    worker_states,
+)
+from serving.ports import local_url, port_free
+from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = ROOT / "config.properties"
@@ -47,29 +60,37 @@ class ServeError(RuntimeError):
     """TorchServe could not be started or is not answering; the message says why."""
 
 
+def _default(name: str) -> Any:
+    """The default of a field of `settings.Settings`: every default is defined there, once."""
+    return Settings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class ServeConfig:
-    """Where TorchServe listens, what it serves and where it keeps its files."""
+    """Where TorchServe listens, what it serves and where it keeps its files.
 
-    model_store: Path
-    run_dir: Path  # TorchServe's own folder (pid file, logs, temp)
-    inference_url: str = "http://127.0.0.1:8080"
-    management_url: str = "http://127.0.0.1:8081"
-    metrics_url: str = "http://127.0.0.1:8082"
-    grpc_inference_port: int = 7070  # TorchServe binds its gRPC APIs on 127.0.0.1, always
-    grpc_management_port: int = 7071
-    model_name: str = "mnist"
+    The defaults are `Settings`' defaults (the environment is read only by `from_settings`).
+    """
+
+    model_store: Path = Path(_default("model_store"))
+    run_dir: Path = Path(_default("run_dir")) / "torchserve"  # TorchServe's own folder (pid, logs, temp)
+    inference_url: str = _default("inference_url")
+    management_url: str = _default("management_url")
+    metrics_url: str = _default("metrics_url")
+    grpc_inference_port: int = _default("grpc_inference_port")  # TorchServe binds gRPC on 127.0.0.1, always
+    grpc_management_port: int = _default("grpc_management_port")
+    model_name: str = _default("model_name")
     config_file: Path = CONFIG_FILE
-    max_upload_bytes: int = 2_000_000
+    max_upload_bytes: int = _default("max_upload_bytes")
     # How the model runs (registered with these by `start`; tuned with bench/serve.py --matrix).
-    workers: int = 2  # Python worker processes (one core each: OMP_NUM_THREADS=1)
-    batch_size: int = 4  # at most this many queued requests go through the model together
-    max_batch_delay_ms: int = 0  # 0: never wait for company, take only what is already queued
-    response_timeout_s: int = 30
+    workers: int = _default("model_workers")  # Python worker processes (one core each)
+    batch_size: int = _default("model_batch_size")  # at most this many queued requests go together
+    max_batch_delay_ms: int = _default("model_batch_delay_ms")  # 0: take only what is already queued
+    response_timeout_s: int = 30  # as config.properties' default_response_timeout
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings: Any = None) -> ServeConfig:
+    def from_settings(cls, settings: Settings | None = None) -> ServeConfig:
         """The app's configuration (`settings.py`, i.e. the environment and `.env`)."""
         if settings is None:
             from settings import get_settings
@@ -95,6 +116,11 @@ class ServeConfig:
         return self.run_dir / "torchserve.pid"
 
     @property
+    def owner_file(self) -> Path:
+        """The pid of the process that supervises this TorchServe (see `serving.supervisor`)."""
+        return self.run_dir / "torchserve.owner"
+
+    @property
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
@@ -109,6 +135,10 @@ class ServeConfig:
     @property
     def mar_file(self) -> Path:
         return self.model_store / f"{self.model_name}.mar"
+
+    def management(self, timeout: float = 5.0) -> ManagementClient:
+        """A management client for this TorchServe (close it, or use it as a context manager)."""
+        return ManagementClient(local_url(self.management_url), self.model_name, timeout)
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """(host, port) of every API TorchServe binds: inference, management, metrics and gRPC."""
@@ -139,7 +169,7 @@ class Server:
 
     def alive(self) -> bool:
         """Whether TorchServe's launcher (the leader of its process group) is still running."""
-        return _alive(self.pid)
+        return process_alive(self.pid)
 
 
 def java_home() -> str:
@@ -194,15 +224,11 @@ def command(config: ServeConfig) -> list[str]:
 
 def busy_ports(config: ServeConfig) -> list[str]:
     """The APIs whose address something else already listens on."""
-    busy = []
-    for api, (host, port) in config.addresses().items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError:
-                busy.append(f"{api} {host}:{port}")
-    return busy
+    return [
+        f"{api} {host}:{port}"
+        for api, (host, port) in config.addresses().items()
+        if not port_free(host, port)
+    ]
 
 
 def read_pid(config: ServeConfig) -> int | None:
@@ -221,30 +247,37 @@ def read_pid(config: ServeConfig) -> int | None:
     return None
 
 
-def model_status(management_url: str, model_name: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """`GET /models/<name>` of the management API: one description per registered version."""
-    response = httpx.get(f"{management_url}/models/{model_name}", timeout=timeout)
-    response.raise_for_status()
-    return response.json()
+def refuse_if_running(config: ServeConfig) -> None:
+    """`ServeError` when our TorchServe already runs in `config.run_dir` (one per run folder)."""
+    if (pid := read_pid(config)) is not None:
+        raise ServeError(f"TorchServe is already running (pid {pid}); stop it first: make stop")
 
 
-def is_ready(management_url: str, model_name: str) -> bool:
-    """True when every worker of the model's default version is READY."""
-    try:
-        versions = model_status(management_url, model_name)
-    except (httpx.HTTPError, ValueError):
-        return False
-    workers = [w for v in versions for w in v.get("workers", [])]
-    return bool(workers) and all(w.get("status") == "READY" for w in workers)
+def all_workers_started(descriptions: list[Description], workers: int) -> bool:
+    """`start`'s finish line: the default version runs `workers` workers and every one is READY.
+
+    Not the readiness rule (`serving.management.is_ready`: one READY worker answers): `start`
+    waits for the full pool so that the first requests, benchmarks and `make serve` find it.
+    """
+    states = worker_states(descriptions)
+    return len(states) >= workers and all(state == "READY" for state in states)
 
 
 def _wait_until(
-    config: ServeConfig, done: Callable[[], bool], timeout: float, pid: int | None, what: str
+    config: ServeConfig,
+    done: Callable[[], bool],
+    timeout: float,
+    pid: int | None,
+    what: str,
+    cancel: threading.Event | None = None,
 ) -> None:
-    """Poll `done` until true; `ServeError` naming `what` on timeout, or if TorchServe (`pid`) exits."""
+    """Poll `done` until true; `ServeError` naming `what` on timeout, if TorchServe (`pid`) exits,
+    or when `cancel` is set (a supervisor stopping while it restarts TorchServe)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pid is not None and not _alive(pid):
+        if cancel is not None and cancel.is_set():
+            raise ServeError("TorchServe start cancelled")
+        if pid is not None and not process_alive(pid):
             raise ServeError(f"TorchServe exited while starting.\n{log_tail(config)}")
         if done():
             return
@@ -252,69 +285,82 @@ def _wait_until(
     raise ServeError(f"{what} after {timeout:.0f} s.\n{log_tail(config)}")
 
 
-def _api_answers(config: ServeConfig) -> bool:
-    try:
-        return httpx.get(f"{config.management_url}/models", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_api(config: ServeConfig, timeout: float, pid: int | None = None) -> None:
+def wait_api(
+    config: ServeConfig, timeout: float, pid: int | None = None, cancel: threading.Event | None = None
+) -> None:
     """Return once the management API answers; raise `ServeError` on timeout or if TorchServe exits."""
     what = f"management API {config.management_url} not answering"
-    _wait_until(config, lambda: _api_answers(config), timeout, pid, what)
+    with config.management(timeout=2.0) as client:
+        _wait_until(config, client.alive, timeout, pid, what, cancel)
 
 
-def register(config: ServeConfig, timeout: float = START_TIMEOUT_S) -> None:
-    """Register `<model_store>/<model_name>.mar` with the configured workers and batching.
+def register(config: ServeConfig, timeout: float = START_TIMEOUT_S) -> str:
+    """Register `<model_store>/<model_name>.mar` with the configured workers and batching; its version.
 
     Synchronous: TorchServe answers once the workers have started (they may still be loading).
     """
-    params: dict[str, str | int] = {
-        "url": config.mar_file.name,
-        "model_name": config.model_name,
-        "initial_workers": config.workers,
-        "batch_size": config.batch_size,
-        "max_batch_delay": config.max_batch_delay_ms,
-        "response_timeout": config.response_timeout_s,
-        "synchronous": "true",
-    }
     try:
-        response = httpx.post(f"{config.management_url}/models", params=params, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise ServeError(f"registering {config.mar_file.name} failed: {exc}\n{log_tail(config)}") from exc
-    if response.status_code != 200:
-        raise ServeError(
-            f"registering {config.mar_file.name} failed: HTTP {response.status_code} {response.text.strip()}"
-            f"\n{log_tail(config)}"
-        )
+        with config.management() as client:
+            return client.register(
+                config.mar_file.name,
+                workers=config.workers,
+                batch_size=config.batch_size,
+                max_batch_delay_ms=config.max_batch_delay_ms,
+                response_timeout_s=config.response_timeout_s,
+                timeout=timeout,
+            )
+    except ManagementError as exc:
+        raise ServeError(f"{exc}\n{log_tail(config)}") from exc
 
 
-def wait_ready(config: ServeConfig, timeout: float = START_TIMEOUT_S, pid: int | None = None) -> None:
-    """Return once the model's workers are READY; raise `ServeError` on timeout or if TorchServe exits.
+def _described_ready(client: ManagementClient, rule: Callable[[list[Description]], bool]) -> bool:
+    try:
+        return rule(client.describe())
+    except ManagementError:
+        return False
+
+
+def wait_ready(
+    config: ServeConfig,
+    timeout: float = START_TIMEOUT_S,
+    pid: int | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Return once the model is ready (`is_ready`); `ServeError` on timeout or if TorchServe exits.
 
     `/ping` is not enough: it is healthy before any worker has loaded the model.
     """
-    _wait_until(
-        config,
-        lambda: is_ready(config.management_url, config.model_name),
-        timeout,
-        pid,
-        f"model {config.model_name!r} not READY ({config.management_url}/models/{config.model_name})",
+    what = f"model {config.model_name!r} not READY ({config.management_url}/models/{config.model_name})"
+    with config.management() as client:
+        _wait_until(config, lambda: _described_ready(client, is_ready), timeout, pid, what, cancel)
+
+
+def wait_workers(
+    config: ServeConfig,
+    timeout: float = START_TIMEOUT_S,
+    pid: int | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Return once every configured worker is READY (`all_workers_started`); else `ServeError`."""
+    what = (
+        f"model {config.model_name!r}: not all {config.workers} workers READY "
+        f"({config.management_url}/models/{config.model_name})"
     )
 
+    def started(descriptions: list[Description]) -> bool:
+        return all_workers_started(descriptions, config.workers)
 
-def start(
-    config: ServeConfig | None = None, timeout: float = START_TIMEOUT_S, console: bool = False
-) -> Server:
-    """Start TorchServe in the background; return once the model answers (else `ServeError`).
+    with config.management() as client:
+        _wait_until(config, lambda: _described_ready(client, started), timeout, pid, what, cancel)
 
-    Its console output (errors only, see log4j2.xml) goes to `console.log`, or to this process's
-    stdout with `console=True` (containers).
+
+def launch(config: ServeConfig, console: bool = False) -> int:
+    """Start TorchServe's frontend with no model (its pid recorded); `start` is this plus the model.
+
+    Refuses (`ServeError`) when our TorchServe already runs, the archive is missing or a port is
+    taken. The pid is that of TorchServe's launcher, the leader of its own process group.
     """
-    config = config or ServeConfig.from_settings()
-    if (pid := read_pid(config)) is not None:
-        raise ServeError(f"TorchServe is already running (pid {pid}); stop it first: make stop")
+    refuse_if_running(config)
     if not config.mar_file.is_file():
         raise ServeError(
             f"{config.mar_file} not found: build it with `make model` (or python -m training.export)"
@@ -339,15 +385,32 @@ def start(
             start_new_session=True,
         )
     config.pid_file.write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def start(
+    config: ServeConfig | None = None,
+    timeout: float = START_TIMEOUT_S,
+    console: bool = False,
+    cancel: threading.Event | None = None,
+) -> Server:
+    """Start TorchServe in the background; return once every worker is READY (else `ServeError`).
+
+    Its console output (errors only, see log4j2.xml) goes to `console.log`, or to this process's
+    stdout with `console=True` (containers). Setting `cancel` aborts the start (and stops what
+    was started) at the next check.
+    """
+    config = config or ServeConfig.from_settings()
+    pid = launch(config, console)
     deadline = time.monotonic() + timeout
     try:
-        wait_api(config, timeout, process.pid)
+        wait_api(config, timeout, pid, cancel)
         register(config, max(deadline - time.monotonic(), 1.0))
-        wait_ready(config, max(deadline - time.monotonic(), 1.0), process.pid)
+        wait_workers(config, max(deadline - time.monotonic(), 1.0), pid, cancel)
     except BaseException:
         stop(config)
         raise
-    return Server(config, process.pid)
+    return Server(config, pid)
 
 
 def stop(config: ServeConfig | None = None, timeout: float = 30.0) -> bool:
@@ -385,17 +448,21 @@ def status(config: ServeConfig | None = None) -> dict[str, Any]:
     pid = read_pid(config)
     out: dict[str, Any] = {"running": pid is not None, "pid": pid, "run_dir": str(config.run_dir)}
     try:
+        with config.management() as client:
+            descriptions = client.describe()
+            out["ready"] = is_ready(descriptions)
         out["models"] = [
             {
                 "version": v.get("modelVersion"),
                 "batch_size": v.get("batchSize"),
                 "max_batch_delay_ms": v.get("maxBatchDelay"),
-                "workers": [w.get("status") for w in v.get("workers", [])],
+                "workers": worker_states([v]),
             }
-            for v in model_status(config.management_url, config.model_name)
+            for v in descriptions
         ]
-    except (httpx.HTTPError, ValueError) as exc:
-        out["models"] = f"management API not answering: {exc}"
+    except ManagementError as exc:
+        out["ready"] = False
+        out["models"] = str(exc)
     return out
 
 
@@ -426,7 +493,8 @@ def _group(pgid: int) -> list[psutil.Process]:
     return members if ours else []
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, counts as dead)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 CARD_JSON = "mnist.json"
 CARD_MD = "MODEL_CARD.md"
 
 
-def read(out_dir: Path) -> dict | None:
+def read(out_dir: Path) -> dict[str, Any] | None:
     """The card in out_dir, or None when there is none."""
     path = out_dir / CARD_JSON
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def write(out_dir: Path, card: dict) -> None:
+def write(out_dir: Path, card: dict[str, Any]) -> None:
     """Write both files (JSON is the source; Markdown is rendered from it)."""
     (out_dir / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / CARD_MD).write_text(render(card))
 
 
-def render(card: dict) -> str:
+def render(card: dict[str, Any]) -> str:
     """A short Markdown model card."""
     t = card["training"]
     test = card["test"]

@@ -23,6 +23,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from training import idx
+
 log = logging.getLogger(__name__)
 
 MIRRORS: tuple[str, ...] = (
@@ -37,7 +39,7 @@ class IdxFile:
 
     name: str
     sha256: str
-    magic: int  # 0x0801 labels (uint8, 1-D), 0x0803 images (uint8, 3-D)
+    magic: int  # idx.UBYTE_LABELS (uint8, 1-D) or idx.UBYTE_IMAGES (uint8, 3-D)
     shape: tuple[int, ...]
 
 
@@ -45,25 +47,25 @@ FILES: dict[str, IdxFile] = {
     "train_images": IdxFile(
         "train-images-idx3-ubyte.gz",
         "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        0x0803,
+        idx.UBYTE_IMAGES,
         (60000, 28, 28),
     ),
     "train_labels": IdxFile(
         "train-labels-idx1-ubyte.gz",
         "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        0x0801,
+        idx.UBYTE_LABELS,
         (60000,),
     ),
     "test_images": IdxFile(
         "t10k-images-idx3-ubyte.gz",
         "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        0x0803,
+        idx.UBYTE_IMAGES,
         (10000, 28, 28),
     ),
     "test_labels": IdxFile(
         "t10k-labels-idx1-ubyte.gz",
         "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        0x0801,
+        idx.UBYTE_LABELS,
         (10000,),
     ),
 }
@@ -97,22 +99,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def parse_idx(raw: bytes, magic: int, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Decode uncompressed IDX bytes, checking the magic number, the dimensions and the size."""
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise MnistDataError(f"{name}: truncated header ({len(raw)} bytes)")
-    found_magic = int.from_bytes(raw[:4], "big")
-    if found_magic != magic:
-        raise MnistDataError(f"{name}: bad magic number 0x{found_magic:08x}, expected 0x{magic:08x}")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if dims != shape:
-        raise MnistDataError(f"{name}: dimensions {dims}, expected {shape}")
-    size = int(np.prod(shape))
-    if len(raw) - header != size:
-        raise MnistDataError(f"{name}: {len(raw) - header} data bytes, expected {size} (truncated or padded)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+def parse_idx(raw: bytes, magic: int, shape: Sequence[int | None], name: str) -> np.ndarray:
+    """Decode uncompressed IDX bytes (`training.idx.decode`); a bad file is a MnistDataError naming it."""
+    try:
+        return idx.decode(raw, name, magic=magic, shape=shape)
+    except idx.IdxError as exc:
+        raise MnistDataError(str(exc)) from exc
 
 
 def read_idx(path: Path, spec: IdxFile) -> np.ndarray:
@@ -124,7 +116,7 @@ def read_idx(path: Path, spec: IdxFile) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         raise MnistDataError(f"{path}: not a valid gzip file ({exc})") from exc
     array = parse_idx(raw, spec.magic, spec.shape, str(path))
-    if spec.magic == 0x0801 and array.size and int(array.max()) > 9:
+    if spec.magic == idx.UBYTE_LABELS and array.size and int(array.max()) > 9:
         raise MnistDataError(f"{path}: label {int(array.max())} out of range 0-9")
     return array
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, classes: int = 10) -> n
     return counts
 
 
-def report(probs: np.ndarray, labels: np.ndarray) -> dict:
+def report(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """The figures for probabilities (N, 10) against labels (N): a JSON-ready dict."""
     labels = labels.astype(np.int64)
     pred = probs.argmax(axis=1)
@@ -77,7 +78,7 @@ def plot_confusion(cm: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_worst(images: np.ndarray, worst: list[dict], path: Path) -> None:
+def plot_worst(images: np.ndarray, worst: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +98,7 @@ def plot_worst(images: np.ndarray, worst: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write(rep: dict, images: np.ndarray, out_dir: Path) -> None:
+def write(rep: dict[str, Any], images: np.ndarray, out_dir: Path) -> None:
     """evaluation.json and the two PNG plots into out_dir."""
     (out_dir / EVALUATION_JSON).write_text(json.dumps(rep, indent=2) + "\n")
     plot_confusion(np.asarray(rep["confusion_matrix"]), out_dir / CONFUSION_PNG)

@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from training import card
 from training.data import sha256_of
@@ -79,7 +80,7 @@ def normalise(src: Path, dest: Path, created_on: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def created_on(model_card: dict | None) -> str:
+def created_on(model_card: dict[str, Any] | None) -> str:
     """MANIFEST's createdOn: the training time from the card (an input, so rebuilds agree)."""
     if model_card and model_card.get("trained_at"):
         return datetime.strptime(model_card["trained_at"], "%Y-%m-%dT%H:%M:%SZ").strftime("%d/%m/%Y %H:%M:%S")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +127,8 @@ def _fit(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> TrainResul
         raise ValueError(f"holdout {cfg.holdout} leaves no training images out of {len(x_all)}")
     x, y = x_all[:n_train], y_all[:n_train]
 
-    model = Net().to(memory_format=torch.channels_last)  # faster convolutions on CPU
+    # channels-last: faster convolutions on CPU (torch's stubs lack to(memory_format=...))
+    model = Net().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.max_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )
@@ -180,7 +182,7 @@ def _fit(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> TrainResul
     return TrainResult(model, epoch_seconds, wall, history, holdout_accuracy)
 
 
-def run(cfg: TrainConfig, data_dir: Path, output_dir: Path) -> dict:
+def run(cfg: TrainConfig, data_dir: Path, output_dir: Path) -> dict[str, Any]:
     """Load the data, train, evaluate on the official test set, write weights, evaluation and card."""
     data: Mnist = load_mnist(data_dir)
     result = train(data.train_images, data.train_labels, cfg)

@@ -1,1 +1,1 @@
-"""The web page, the JSON API and `python -m ui` (the launcher behind `make run`)."""
+"""The web page, the JSON API and `python -m ui` (serve only; `make run` is `python -m stack`)."""

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, Field
 
-from db.store import DatabaseUnavailable, PredictionNotFound
+from db.errors import DatabaseUnavailable, InvalidPrediction, PredictionNotFound
+from handlers.preprocess import PreprocessError, decode_payload
 
 from .inference import InferenceUnavailable, InvalidInput
-from .service import PredictionService
+from .outbox import QueueFull
+from .service import PredictionService, check_label
+
+MAX_IDEMPOTENCY_KEY = 200  # characters
 
 IMAGE_BODY_DOC = {
     "requestBody": {
@@ -46,7 +47,7 @@ class PredictionOut(BaseModel):
 
 
 class LabelIn(BaseModel):
-    label: StrictInt = Field(ge=0, le=9, description="the true digit, 0-9")
+    label: Annotated[int, BeforeValidator(check_label)] = Field(description="the true digit, 0-9")
 
 
 class LabelOut(BaseModel):
@@ -71,25 +72,6 @@ class HistoryPage(BaseModel):
     next_before_id: int | None = Field(description="pass as before_id for the next (older) page")
 
 
-def image_from_body(body: bytes, content_type: str) -> bytes:
-    """The image bytes of a request: raw body, or JSON `{"data": base64 | data URL}`; `ValueError` if bad."""
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        return body
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError("the body is not valid JSON") from exc
-    data = payload.get("data") if isinstance(payload, dict) else None
-    if not isinstance(data, str) or not data:
-        raise ValueError('JSON body must be {"data": "<base64 image>"}')
-    if data.startswith("data:"):
-        data = data.split(",", 1)[-1]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("data is not valid base64") from exc
-
-
 def database_down() -> HTTPException:
     return HTTPException(503, "the database is unreachable; try again shortly")
 
@@ -104,28 +86,47 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
         response_model=PredictionOut,
         openapi_extra=IMAGE_BODY_DOC,
         responses={
-            202: {"description": "answered; not stored yet (database down), stored when it is back"},
-            400: {"description": "not an image, blank drawing, bad JSON"},
+            202: {"description": "answered; database down: kept on disk, stored when it is back"},
+            400: {"description": "not an image, blank drawing, bad JSON, Idempotency-Key too long"},
             413: {"description": "image too large"},
-            503: {"description": "the model server is unreachable"},
+            502: {"description": "the model's answer could not be stored"},
+            503: {
+                "description": "the model server is unreachable, or the database is down and the outbox full"
+            },
         },
     )
-    async def create_prediction(request: Request) -> Any:
-        """Predict the digit in an image and store the prediction."""
+    async def create_prediction(
+        request: Request,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description=f"1-{MAX_IDEMPOTENCY_KEY} characters; a retry with the same key returns "
+                "the first answer and stores nothing more",
+            ),
+        ] = None,
+    ) -> Any:
+        """Predict the digit in an image and store the prediction (201), or keep it on disk (202)."""
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise HTTPException(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes * 2:
             raise HTTPException(413, f"body too large: images of at most {max_body_bytes:,} bytes")
         body = await request.body()
+        try:  # the model server's own rule: raw image bytes, or JSON {"data": base64 | data URL}
+            image = decode_payload(body, request.headers.get("content-type", ""), max_body_bytes)
+        except PreprocessError as exc:
+            raise HTTPException(int(exc.status), str(exc)) from exc
         try:
-            image = image_from_body(body, request.headers.get("content-type", ""))
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        try:
-            outcome = await service.predict(image)
+            outcome = await service.predict(image, idempotency_key)
         except InvalidInput as exc:
             raise HTTPException(exc.status_code if exc.status_code != 422 else 400, str(exc)) from exc
         except InferenceUnavailable as exc:
             raise HTTPException(503, str(exc)) from exc
+        except QueueFull as exc:
+            raise HTTPException(503, str(exc)) from exc
+        except InvalidPrediction as exc:
+            raise HTTPException(502, f"the model's answer could not be stored: {exc}") from exc
         p = outcome.prediction
         out = PredictionOut(
             id=outcome.id,
@@ -141,8 +142,9 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
         "/predictions/{prediction_id}/label",
         response_model=LabelOut,
         responses={
-            202: {"description": "kept; stored when the database is back"},
+            202: {"description": "kept on disk; stored when the database is back"},
             404: {"description": "no prediction with this id"},
+            503: {"description": "the database is down and the outbox full"},
         },
     )
     async def set_label(prediction_id: int, body: LabelIn) -> Any:
@@ -151,6 +153,8 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
             stored = await service.label_by_id(prediction_id, body.label)
         except PredictionNotFound as exc:
             raise HTTPException(404, f"no prediction with id {prediction_id}") from exc
+        except QueueFull as exc:
+            raise HTTPException(503, str(exc)) from exc
         out = LabelOut(id=prediction_id, label=body.label, stored=stored)
         return JSONResponse(out.model_dump(), status_code=200 if stored else 202)
 
@@ -160,7 +164,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     ) -> HistoryPage:
         """Stored predictions, newest first; page with `before_id`."""
         try:
-            rows = await service.db.recent(limit, before_id)
+            rows = await service.recent(limit, before_id)
         except DatabaseUnavailable as exc:
             raise database_down() from exc
         items = [
@@ -186,7 +190,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     async def prediction_image(prediction_id: int) -> Response:
         """The drawing as it was sent."""
         try:
-            png = await service.db.image_png(prediction_id)
+            png = await service.image_png(prediction_id)
         except PredictionNotFound as exc:
             raise HTTPException(404, f"no prediction with id {prediction_id}") from exc
         except DatabaseUnavailable as exc:
@@ -197,7 +201,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     async def stats() -> dict[str, Any]:
         """Counts; accuracy on labelled drawings overall, per digit, per model version; confusion matrix."""
         try:
-            return (await service.db.stats()).to_dict()
+            return (await service.stats()).to_dict()
         except DatabaseUnavailable as exc:
             raise database_down() from exc
 
@@ -205,7 +209,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
     async def export() -> Response:
         """The labelled drawings: a zip with labels.csv and the PNGs."""
         try:
-            data = await service.db.export_labelled()
+            data = await service.export_zip()
         except DatabaseUnavailable as exc:
             raise database_down() from exc
         return Response(

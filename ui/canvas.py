@@ -39,8 +39,8 @@ class DigitCanvas(ui.element, component="canvas.js"):
 
     def __init__(self, size: int = 280, line_width: int = 20, on_change: ChangeHandler | None = None) -> None:
         super().__init__()
-        self._props["size"] = size
-        self._props["lineWidth"] = line_width
+        self.props["size"] = size
+        self.props["lineWidth"] = line_width
         self.png: bytes | None = None
         self.strokes = 0
         self._on_change = on_change
@@ -66,8 +66,11 @@ class DigitCanvas(ui.element, component="canvas.js"):
             if result is not None:
                 await result
 
-    def clear(self) -> None:
-        """Wipe the drawing (at once on this side; the browser confirms with a `change`)."""
+    def erase(self) -> None:
+        """Wipe the drawing (at once on this side; the browser confirms with a `change`).
+
+        Not `clear`: that is `Element.clear`, which removes child elements.
+        """
         self.png = None
         self.strokes = 0
         self.run_method("clear")

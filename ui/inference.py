@@ -1,4 +1,10 @@
-"""The one client the UI uses to talk to TorchServe: shared connection pool, timeouts, a short retry."""
+"""The one client the UI uses to talk to TorchServe: shared connection pool, timeouts, a short retry.
+
+Readiness is `serving.management`'s rule (the default version has a READY worker), asked through
+its `AsyncManagementClient`. While the model is not registered (TorchServe just (re)started),
+TorchServe answers predictions with 404 "Model not found": that is "model loading"
+(`InferenceUnavailable`, a 503 for API clients), never a 404 of ours.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,13 @@ from typing import Any
 
 import httpx
 
+from serving.management import AsyncManagementClient, error_message
+from settings import Settings
+
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS_S = (0.1, 0.4)  # after the first try; only for failures where nothing reached the model
+DEFAULT_MODEL_NAME: str = Settings.model_fields["model_name"].default  # defined once, in settings.py
 
 
 class InferenceError(Exception):
@@ -19,7 +29,7 @@ class InferenceError(Exception):
 
 
 class InferenceUnavailable(InferenceError):
-    """The model server cannot be reached or failed (connection refused, timeout, 5xx)."""
+    """The model server cannot be reached, failed (timeout, 5xx) or has no model loaded yet."""
 
 
 class InvalidInput(InferenceError):
@@ -60,17 +70,12 @@ class Prediction:
         return prediction
 
 
-def error_message(response: httpx.Response) -> str:
-    """The human message in a TorchServe or handler error body, whatever its shape."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip()[:300] or f"HTTP {response.status_code}"
-    if isinstance(body, dict):
-        for key in ("message", "error", "detail"):
-            if isinstance(body.get(key), str) and body[key]:
-                return body[key]
-    return str(body)[:300]
+def model_not_loaded(response: httpx.Response) -> bool:
+    """TorchServe's 404 for a model (or version) it has not registered (yet): not the input's fault.
+
+    The handler itself never answers 404, so any 404 from the inference API means this.
+    """
+    return response.status_code == 404
 
 
 class InferenceClient:
@@ -79,7 +84,7 @@ class InferenceClient:
     def __init__(
         self,
         inference_url: str,
-        model_name: str = "mnist",
+        model_name: str = DEFAULT_MODEL_NAME,
         management_url: str | None = None,
         timeout_s: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -93,13 +98,21 @@ class InferenceClient:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             transport=transport,
         )
+        self._management = (
+            AsyncManagementClient(self.management_url, model_name, timeout=2.0, transport=transport)
+            if self.management_url is not None
+            else None
+        )
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._management is not None:
+            await self._management.close()
 
     async def predict(self, image: bytes) -> Prediction:
         """Send image bytes; `InvalidInput` for a 4xx, `InferenceUnavailable` when the server is down."""
         path = f"/predictions/{self.model_name}"
+        last = InferenceUnavailable("the model server was not asked")  # replaced by each failed try
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
             if delay:
                 await asyncio.sleep(delay)
@@ -108,7 +121,7 @@ class InferenceClient:
                     path, content=image, headers={"Content-Type": "application/octet-stream"}
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-                last: InferenceError = InferenceUnavailable(
+                last = InferenceUnavailable(
                     f"the model server at {self.inference_url} is not reachable ({type(exc).__name__})"
                 )
                 log.warning("inference attempt %d failed: %r", attempt + 1, exc)
@@ -119,6 +132,9 @@ class InferenceClient:
                 raise InferenceUnavailable(f"the model server failed: {exc!r}") from exc
             if response.status_code == 503:  # no worker free or model not loaded yet: worth one more try
                 last = InferenceUnavailable(f"the model server is not ready: {error_message(response)}")
+                continue
+            if model_not_loaded(response):  # TorchServe (re)starting: the model comes in a few seconds
+                last = InferenceUnavailable(f"model loading: {error_message(response)}")
                 continue
             if 400 <= response.status_code < 500:
                 raise InvalidInput(error_message(response), response.status_code)
@@ -131,18 +147,9 @@ class InferenceClient:
         raise last
 
     async def ready(self) -> tuple[bool, str]:
-        """Whether the model has a READY worker (management API), else whether `/ping` is healthy."""
-        if self.management_url is not None:
-            url = f"{self.management_url}/models/{self.model_name}"
-            try:
-                response = await self._client.get(url, timeout=2.0)
-                versions = response.json() if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError) as exc:
-                return False, f"management API unreachable ({type(exc).__name__})"
-            if versions is None:
-                return False, f"HTTP {response.status_code}: {error_message(response)}"
-            states = [w.get("status") for v in versions for w in v.get("workers", [])]
-            return ("READY" in states), f"workers: {', '.join(states) or 'none'}"
+        """The readiness rule (`serving.management.is_ready`), else (no management URL) `/ping`."""
+        if self._management is not None:
+            return await self._management.readiness()
         try:
             response = await self._client.get("/ping", timeout=2.0)
         except httpx.HTTPError as exc:

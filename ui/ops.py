@@ -1,16 +1,27 @@
-"""Operations endpoints: liveness, readiness (model and database), Prometheus metrics."""
+"""Operations endpoints: liveness, readiness (model, database, connection pool), Prometheus metrics."""
 
 from __future__ import annotations
 
-import asyncio
+from dataclasses import asdict
+from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from db.store import StoreError
+from . import metrics as ui_metrics
+from .service import PredictionService, Readiness
 
-from .service import PredictionService
+
+def readiness_body(r: Readiness) -> dict[str, Any]:
+    """The JSON of `/readyz`: overall, then each part with its reason."""
+    return {
+        "ready": r.ready,
+        "model": {**asdict(r.model), "url": r.model_url},
+        "database": asdict(r.database),
+        "pool": asdict(r.pool),
+        "waiting_to_store": r.waiting,
+    }
 
 
 def build_router(service: PredictionService) -> APIRouter:
@@ -21,32 +32,25 @@ def build_router(service: PredictionService) -> APIRouter:
         """The process is alive."""
         return {"status": "ok"}
 
-    @router.get("/readyz", responses={503: {"description": "the model or the database is not ready"}})
+    @router.get(
+        "/readyz",
+        responses={503: {"description": "the model, the database or its connection pool is not ready"}},
+    )
     async def readyz() -> JSONResponse:
-        """Ready when the model server answers healthy and the database is reachable."""
-        (model_ok, model_detail), (db_ok, db_detail) = await asyncio.gather(
-            service.inference.ready(), database_ready(service)
+        """Ready when the model has a READY worker, the database answers, and the pool is not exhausted.
+
+        The pool counts as exhausted when callers have found no free connection for more than a
+        few seconds: a supervisor (Compose, Kubernetes) restarting the app is the remedy.
+        """
+        readiness = await service.readiness()
+        ui_metrics.checked(
+            model=readiness.model.ready, database=readiness.database.ready, pool=readiness.pool.ready
         )
-        body = {
-            "ready": model_ok and db_ok,
-            "model": {"ready": model_ok, "detail": model_detail, "url": service.inference.inference_url},
-            "database": {"ready": db_ok, "detail": db_detail},
-            "waiting_to_store": service.waiting,
-        }
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+        return JSONResponse(readiness_body(readiness), status_code=200 if readiness.ready else 503)
 
     @router.get("/metrics", response_class=Response)
     async def metrics() -> Response:
-        """Prometheus text format."""
+        """Prometheus text format: counters and gauges kept in memory, no database query."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-async def database_ready(service: PredictionService) -> tuple[bool, str]:
-    """`Store.ping` within 2 s (it returns False rather than raising when the server is down)."""
-    try:
-        reachable = await asyncio.wait_for(service.db.ping(), timeout=2.0)
-    except (StoreError, TimeoutError) as exc:
-        return False, f"unreachable: {exc or type(exc).__name__}"
-    return (True, "reachable") if reachable else (False, "unreachable")

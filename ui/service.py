@@ -1,55 +1,112 @@
-"""What the page and the API share: predict, store, label, and keep what could not be stored yet.
+"""The one door to the data, shared by the page and the API: predict, store, label, read.
 
-When the database is down, a prediction is still answered and kept in memory (`pending`), and a
-label given meanwhile is kept with it; `flush` stores them once the database is back (the app runs
-`retry_forever` in the background). Nothing the person entered is dropped.
+A prediction is answered by the model server and stored in PostgreSQL (201). When the database
+is down it goes to the durable outbox first (`ui.outbox`, fsync'd before the 202), and a label
+given meanwhile too; the retry loop stores them once the database is back, keeping the time the
+person made the prediction. Nothing the person entered is dropped, not even by a crash.
+
+Reads (history, statistics) are shared: all tabs asking at once wait for one query, and the
+answer is kept while nothing changed, for about a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import time
-import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
-from db.store import DatabaseUnavailable, InvalidPrediction, NewPrediction, PredictionNotFound, Store
+from db.errors import DatabaseUnavailable, InvalidLabel, InvalidPrediction, PredictionNotFound, StoreError
+from db.export import build_export
+from db.records import LabelledRow, NewPrediction, PoolHealth, PredictionRow, validate_label
+from db.stats import Stats
 
 from . import metrics
 from .inference import InferenceClient, InferenceUnavailable, InvalidInput, Prediction
+from .outbox import Outbox, QueueFull
+from .outcome import Outcome
+
+__all__ = ["Check", "Outcome", "PredictionService", "PredictionStore", "QueueFull", "Readiness"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-@dataclass
-class Outcome:
-    """One answered prediction as the page holds it; `id` is set once it is stored."""
+FLUSH_CHUNK = 100  # waiting predictions stored together (the store writes them in one transaction)
+POOL_EXHAUSTED_LIMIT_S = 5.0  # longer without a free connection: not ready, a supervisor should act
+IDEMPOTENCY_PREFIX = "idem:"  # client keys never collide with the service's own (uuid hex) keys
+REMEMBERED_ANSWERS = 1_000  # recent Idempotency-Key answers kept in memory
 
-    image_png: bytes
-    prediction: Prediction
-    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
-    id: int | None = None
-    latency_ms: float = 0.0  # the model server's round trip
-    label: int | None = None
-    label_stored: bool = False
+
+@runtime_checkable
+class PredictionStore(Protocol):
+    """What the service needs from the database (`db.store.Store`; the tests' `FakeStore`)."""
+
+    async def ping(self) -> bool: ...
+
+    async def record_prediction(self, p: NewPrediction) -> int: ...
+
+    async def find_by_key(self, key: str) -> PredictionRow | None: ...
+
+    async def set_label(self, prediction_id: int, label: int) -> None: ...
+
+    async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]: ...
+
+    async def image_png(self, prediction_id: int) -> bytes: ...
+
+    async def stats(self) -> Stats: ...
+
+    def labelled(self, batch_size: int = 500) -> AsyncIterator[LabelledRow]: ...
+
+    def pool_health(self) -> PoolHealth: ...
+
+
+@dataclass(frozen=True)
+class Check:
+    """One part's readiness, with a short reason for the operator."""
+
+    ready: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Which part is ready: the model server, the database, its connection pool."""
+
+    model: Check
+    database: Check
+    pool: Check
+    model_url: str
+    waiting: int  # predictions and labels not stored yet
 
     @property
-    def stored(self) -> bool:
-        return self.id is not None
+    def ready(self) -> bool:
+        return self.model.ready and self.database.ready and self.pool.ready
 
 
 def check_label(label: object) -> int:
-    """A true label must be an int 0-9 (not a bool); `ValueError` with a clear message otherwise."""
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 9:
-        raise ValueError(f"label must be a whole number from 0 to 9, got {label!r}")
-    return label
+    """A true label as an int; `InvalidLabel` (a `ValueError`) in words for people otherwise.
+
+    The rule is `db.records.validate_label`'s; only the message is the page's and the API's.
+    """
+    try:
+        return validate_label(label)
+    except InvalidLabel as exc:
+        raise InvalidLabel(f"label must be a whole number from 0 to 9, got {label!r}") from exc
+
+
+def stored_key(client_key: str) -> str:
+    """The stored key of a client's `Idempotency-Key`: namespaced and hashed (any text, fixed length)."""
+    return IDEMPOTENCY_PREFIX + hashlib.sha256(client_key.encode()).hexdigest()
 
 
 def new_prediction(outcome: Outcome, model_name: str) -> NewPrediction:
-    """The row to store for an outcome."""
+    """The row to store for an outcome: made when the person asked, unique by its key."""
     p = outcome.prediction
     return NewPrediction(
         digit=p.digit,
@@ -60,167 +117,467 @@ def new_prediction(outcome: Outcome, model_name: str) -> NewPrediction:
         latency_ms=outcome.latency_ms,
         image_png=outcome.image_png,
         input_pixels=bytes(p.input),
+        created_at=outcome.created_at,
+        key=outcome.key,
     )
 
 
+def outcome_of_row(row: PredictionRow, image_png: bytes, key: str) -> Outcome:
+    """An outcome for a row stored earlier (a retried request); the model's 28x28 is not kept here."""
+    prediction = Prediction(row.digit, row.confidence, list(row.probabilities), [], row.model_version)
+    outcome = Outcome(image_png, prediction, created_at=row.created_at, key=key, id=row.id)
+    outcome.latency_ms, outcome.label = row.latency_ms, row.true_label
+    outcome.label_stored = row.true_label is not None
+    return outcome
+
+
+class SharedRead:
+    """One query for every caller at once, its answer kept while `version` is the same, up to `ttl_s`.
+
+    Callers are cancelled alone (NiceGUI cancels page builds): the query itself goes on for the others.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 64) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries  # pages of history are keyed by their cursor: keep a few only
+        self._cache: OrderedDict[Hashable, tuple[int, float, Any]] = OrderedDict()
+        self._running: dict[Hashable, asyncio.Task[Any]] = {}
+
+    async def get(self, key: Hashable, version: int, fetch: Callable[[], Awaitable[T]]) -> T:
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == version and time.monotonic() - cached[1] < self.ttl_s:
+            return cast(T, cached[2])  # stored by `_fetch` for this key, whose fetch gives a T
+        task: asyncio.Task[T] | None = self._running.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(key, version, fetch))
+            task.add_done_callback(_retrieve)
+            self._running[key] = task
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key: Hashable, version: int, fetch: Callable[[], Awaitable[T]]) -> T:
+        try:
+            value = await fetch()
+            self._cache[key] = (version, time.monotonic(), value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            return value
+        finally:
+            self._running.pop(key, None)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a failure as seen: every caller may have been cancelled before it came."""
+    if not task.cancelled():
+        task.exception()
+
+
 class PredictionService:
-    """Predict with the model server, store in PostgreSQL, retry storing what failed."""
+    """Predict with the model server, store in PostgreSQL, keep in the outbox what could not be stored yet."""
 
     def __init__(
         self,
-        store: Store | None,
+        store: PredictionStore | None,
         inference: InferenceClient,
         *,
-        max_image_bytes: int = 2_000_000,
+        outbox: Outbox,
+        max_image_bytes: int,
         retry_interval_s: float = 2.0,
-        max_pending: int = 10_000,
+        read_ttl_s: float = 1.0,
     ) -> None:
-        self.store = store  # None until the app's startup has opened it
+        self.store = store  # wiring only (ui.app); None until the app's startup has opened it
         self.inference = inference
+        self.outbox = outbox
         self.max_image_bytes = max_image_bytes
         self.retry_interval_s = retry_interval_s
-        self.max_pending = max_pending
-        self.pending: OrderedDict[str, Outcome] = OrderedDict()  # answered, not stored yet
-        self.pending_labels: dict[int, int] = {}  # stored prediction id -> label not stored yet
-        self.version = 0  # bumped whenever stored data changes, so pages know to refresh
+        self.version = 0  # bumped whenever the data changes, so pages know to refresh
+        self._reads = SharedRead(read_ttl_s)
+        self._listeners: list[Callable[[], None]] = []
         self._flush_lock = asyncio.Lock()
+        self._opened = asyncio.Event()
+        self._retry: asyncio.Task[None] | None = None
+        self._answers: OrderedDict[str, Outcome] = OrderedDict()  # Idempotency-Key -> first answer
+        self._in_flight: dict[str, asyncio.Future[Outcome]] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the outbox, take back what waits from the last run, and store it in the background."""
+        count = await self.outbox.open()
+        if count:
+            log.warning("%d predictions/labels from the outbox wait for the database", count)
+        self._opened.set()
+        self._update_gauges()
+        self._retry = asyncio.create_task(self._retry_forever(), name="store-retry")
+
+    async def stop(self) -> None:
+        """Stop retrying, try a last time to store what waits (it stays in the outbox otherwise), close."""
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+        if self._opened.is_set():
+            with contextlib.suppress(Exception):
+                await self.flush()
+            if self.waiting:
+                log.warning(
+                    "database unreachable: %d records stay in the outbox for the next start", self.waiting
+                )
+            self.outbox.close()
+            self._opened.clear()
 
     @property
-    def db(self) -> Store:
+    def started(self) -> bool:
+        """Whether `start` has opened the outbox (and `stop` not closed it)."""
+        return self._opened.is_set()
+
+    @property
+    def _db(self) -> PredictionStore:
         """The store; `DatabaseUnavailable` while it is not open yet (the first instants after start)."""
         if self.store is None:
             raise DatabaseUnavailable("database unavailable: still connecting")
         return self.store
 
-    async def predict(self, image: bytes) -> Outcome:
-        """Answer one image and try to store it (see `answer` and `save`)."""
-        outcome = await self.answer(image)
-        await self.save(outcome)
+    # -- change notification ----------------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn` (synchronously: keep it cheap) after each change; returns its remover."""
+        self._listeners.append(fn)
+
+        def remove() -> None:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+        return remove
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._update_gauges()
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception:  # one broken listener (a closed tab) must not stop the others
+                log.exception("change listener failed")
+
+    def _update_gauges(self) -> None:
+        metrics.waiting(self.waiting, self.outbox.size_bytes)
+
+    # -- predictions ------------------------------------------------------------------------------------
+    async def preview(self, image: bytes) -> Prediction:
+        """The model's answer for a drawing in progress; nothing is stored."""
+        self._check_size(image)
+        return await self.inference.predict(image)
+
+    async def predict(self, image: bytes, idempotency_key: str | None = None) -> Outcome:
+        """Answer one image and store it (see `answer` and `save`).
+
+        With an `idempotency_key`, a retry returns the first answer and stores nothing more,
+        whether the first was stored or queued; concurrent retries wait for the first.
+        """
+        if idempotency_key is None:
+            outcome = await self.answer(image)
+            await self.save(outcome)
+            return outcome
+        key = stored_key(idempotency_key)
+        while key in self._in_flight:
+            with contextlib.suppress(Exception):  # the first failed: this one tries itself
+                return await asyncio.shield(self._in_flight[key])
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            first = await self._known_answer(key, image)
+            if first is None:
+                first = await self.answer(image)
+                first.key = key
+                await self.save(first)
+                self._remember(first)
+        except BaseException as exc:
+            # Waiting retries try themselves, even when this one was cancelled.
+            future.set_exception(
+                exc if isinstance(exc, Exception) else RuntimeError("the first was cancelled")
+            )
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        else:
+            future.set_result(first)
+            return first
+        finally:
+            self._in_flight.pop(key, None)
+
+    async def _known_answer(self, key: str, image: bytes) -> Outcome | None:
+        """The first answer for this key: remembered, waiting in the outbox, or stored."""
+        if key in self._answers:
+            return self._answers[key]
+        for outcome in self.outbox.outcomes():
+            if outcome.key == key:
+                return outcome
+        try:
+            row = await self._db.find_by_key(key)
+        except DatabaseUnavailable:
+            return None  # answered anew; stored once: the store finds the first row by its key
+        return None if row is None else self._remember(outcome_of_row(row, image, key))
+
+    def _remember(self, outcome: Outcome) -> Outcome:
+        self._answers[outcome.key] = outcome
+        while len(self._answers) > REMEMBERED_ANSWERS:
+            self._answers.popitem(last=False)
         return outcome
 
-    async def answer(self, image: bytes) -> Outcome:
-        """Ask the model; `InvalidInput` / `InferenceUnavailable` as the model server says. Not stored."""
+    def _check_size(self, image: bytes) -> None:
         if len(image) > self.max_image_bytes:
-            metrics.ERRORS.labels("invalid_input").inc()
+            metrics.error("invalid_input")
             raise InvalidInput(
                 f"image too large: {len(image):,} bytes, at most {self.max_image_bytes:,} are accepted", 413
             )
+
+    async def answer(self, image: bytes) -> Outcome:
+        """Ask the model; `InvalidInput` / `InferenceUnavailable` as the model server says. Not stored."""
+        self._check_size(image)
         started = time.perf_counter()
         try:
             prediction = await self.inference.predict(image)
         except InvalidInput:
-            metrics.ERRORS.labels("invalid_input").inc()
+            metrics.error("invalid_input")
             raise
         except InferenceUnavailable:
-            metrics.ERRORS.labels("inference_unavailable").inc()
+            metrics.error("inference_unavailable")
             raise
         latency_ms = 1000 * (time.perf_counter() - started)
+        metrics.answered(prediction.model_version)
         return Outcome(image_png=image, prediction=prediction, latency_ms=latency_ms)
 
     async def save(self, outcome: Outcome) -> bool:
-        """Store an answered outcome; when the database is down keep it for `flush`. True if stored."""
+        """Store an answered outcome: True = stored; False = durably queued (fsync'd) for the retry loop.
+
+        `QueueFull` when the database is down and the outbox is full; `InvalidPrediction` when the
+        database refuses the model's answer (storing it again cannot help).
+        """
         try:
             await self._record(outcome)
         except DatabaseUnavailable as exc:
-            metrics.ERRORS.labels("database_unavailable").inc()
-            log.warning("prediction kept in memory until the database is back: %s", exc)
-            self._keep(outcome)
-        except InvalidPrediction as exc:  # a model answer the schema refuses: storing it again cannot help
-            metrics.ERRORS.labels("invalid_prediction").inc()
+            metrics.error("database_unavailable")
+            await self._keep(lambda: self.outbox.add(outcome))
+            log.warning("prediction kept in the outbox until the database is back: %s", exc)
+        except InvalidPrediction as exc:
+            metrics.error("invalid_prediction")
             log.error("prediction not storable: %s", exc)
-        else:
-            self.version += 1
-        metrics.LATENCY.observe((datetime.now(UTC) - outcome.created_at).total_seconds())
-        metrics.PREDICTIONS.labels(str(outcome.stored).lower()).inc()
+            raise
+        metrics.saved(outcome)
+        self._changed()
         return outcome.stored
+
+    async def _keep(self, adding: Callable[[], Awaitable[None]]) -> None:
+        """Put something in the outbox (durable when this returns); `QueueFull` when it is full."""
+        try:
+            await self._opened.wait()  # requests may come in the instants before start()
+            await adding()
+        except QueueFull:
+            metrics.error("outbox_full")
+            raise
 
     async def _record(self, outcome: Outcome) -> None:
         """Insert the row, then its label if one was given meanwhile (kept for later if that fails)."""
-        outcome.id = await self.db.record_prediction(new_prediction(outcome, self.inference.model_name))
+        outcome.id = await self._db.record_prediction(new_prediction(outcome, self.inference.model_name))
         if outcome.label is not None:
             await self._store_label(outcome.id, outcome.label, outcome)
 
-    def _keep(self, outcome: Outcome) -> None:
-        self.pending[outcome.key] = outcome
-        while len(self.pending) > self.max_pending:  # bounded memory: the oldest goes, loudly
-            _, dropped = self.pending.popitem(last=False)
-            metrics.ERRORS.labels("pending_dropped").inc()
-            log.error("pending prediction dropped, too many waiting: %s", dropped.key)
-
+    # -- labels ------------------------------------------------------------------------------------------
     async def label(self, outcome: Outcome, label: int) -> bool:
-        """Give an outcome its true label; True when stored now, False when kept for later."""
+        """Give an outcome its true label; True when stored now, False when durably kept for later."""
         outcome.label = check_label(label)
         outcome.label_stored = False
-        metrics.FEEDBACK.labels(str(label == outcome.prediction.digit).lower()).inc()
-        if outcome.id is None:
-            return False  # stored with the prediction when the database is back
-        return await self._store_label(outcome.id, label, outcome)
+        metrics.labelled(outcome, label)
+        if outcome.id is not None:
+            return await self._store_label(outcome.id, label, outcome)
+        if self.outbox.has_outcome(outcome.key):  # waiting: the label waits with it
+            await self._keep(lambda: self.outbox.add_label_by_key(outcome.key, label))
+            self._changed()
+        return False  # else its save is on its way and stores the label with it
 
     async def label_by_id(self, prediction_id: int, label: int) -> bool:
-        """Label a stored prediction; `PredictionNotFound`; False when kept until the database is back."""
+        """Label a stored prediction; `PredictionNotFound`; False when durably kept for later."""
         check_label(label)
-        metrics.FEEDBACK.labels("unknown").inc()
+        metrics.labelled_by_id(prediction_id, label)
         return await self._store_label(prediction_id, label, None)
 
     async def _store_label(self, prediction_id: int, label: int, outcome: Outcome | None) -> bool:
         try:
-            await self.db.set_label(prediction_id, label)
+            await self._db.set_label(prediction_id, label)
         except DatabaseUnavailable as exc:
-            metrics.ERRORS.labels("database_unavailable").inc()
-            log.warning("label kept in memory until the database is back: %s", exc)
-            self.pending_labels[prediction_id] = label
+            metrics.error("database_unavailable")
+            await self._keep(lambda: self.outbox.add_label_by_id(prediction_id, label))
+            log.warning("label kept in the outbox until the database is back: %s", exc)
+            self._changed()
             return False
         except PredictionNotFound:
-            metrics.ERRORS.labels("not_found").inc()
+            metrics.error("not_found")
             raise
-        self.pending_labels.pop(prediction_id, None)
+        await self._forget_older_labels(prediction_id, outcome)
         if outcome is not None:
-            outcome.label_stored = True
-        self.version += 1
+            outcome.label_stored = outcome.label == label
+        self._changed()
         return True
+
+    async def _forget_older_labels(self, prediction_id: int, outcome: Outcome | None) -> None:
+        """A label just stored replaces any older one still waiting for the same prediction."""
+        by_id = self.outbox.id_labels().get(prediction_id)
+        by_key = self.outbox.key_labels().get(outcome.key) if outcome is not None else None
+        if by_id is not None or by_key is not None:
+            await self.outbox.remove(
+                id_labels=[(prediction_id, by_id)] if by_id is not None else [],
+                key_labels=[(outcome.key, by_key)] if outcome is not None and by_key is not None else [],
+            )
+
+    # -- reads ------------------------------------------------------------------------------------------
+    async def recent(self, limit: int, before_id: int | None = None) -> list[PredictionRow]:
+        """Stored predictions, newest first; `DatabaseUnavailable` while the database is down."""
+        return await self._reads.get(
+            ("recent", limit, before_id), self.version, lambda: self._db.recent(limit, before_id)
+        )
+
+    def waiting_outcomes(self) -> list[Outcome]:
+        """Answered predictions not stored yet, oldest first."""
+        return self.outbox.outcomes()
+
+    async def stats(self) -> Stats:
+        """Statistics of every stored prediction (one query for every caller at once)."""
+        return await self._reads.get("stats", self.version, lambda: self._db.stats())
+
+    async def image_png(self, prediction_id: int) -> bytes:
+        """The drawing of a stored prediction; `PredictionNotFound`, `DatabaseUnavailable`."""
+        return await self._db.image_png(prediction_id)
+
+    async def export_zip(self) -> bytes:
+        """The labelled drawings as a zip for retraining (see `db.export`)."""
+        rows = [row async for row in self._db.labelled()]
+        return await asyncio.to_thread(build_export, rows)
 
     @property
     def waiting(self) -> int:
         """How many predictions and labels wait for the database."""
-        return len(self.pending) + len(self.pending_labels)
+        return len(self.outbox)
 
+    async def readiness(self) -> Readiness:
+        """Model, database and pool, checked together within about 2 s."""
+        (model_ok, model_detail), database = await asyncio.gather(
+            self.inference.ready(), self._database_check()
+        )
+        return Readiness(
+            model=Check(model_ok, model_detail),
+            database=database,
+            pool=self._pool_check(),
+            model_url=self.inference.inference_url,
+            waiting=self.waiting,
+        )
+
+    async def _database_check(self) -> Check:
+        try:
+            reachable = await asyncio.wait_for(self._db.ping(), timeout=2.0)
+        except (StoreError, TimeoutError) as exc:
+            return Check(False, f"unreachable: {str(exc) or type(exc).__name__}")
+        return Check(True, "reachable") if reachable else Check(False, "unreachable")
+
+    def _pool_check(self) -> Check:
+        if self.store is None:
+            return Check(False, "not open yet")
+        health = self.store.pool_health()
+        detail = (
+            f"{health.size} connections, {health.idle} idle, {health.waiting} waiting, "
+            f"exhausted for {health.exhausted_for_s:.1f} s"
+        )
+        return Check(health.exhausted_for_s <= POOL_EXHAUSTED_LIMIT_S, detail)
+
+    # -- the retry loop ------------------------------------------------------------------------------------
     async def flush(self) -> int:
         """Store what waits, oldest first; stops at the first database failure. Returns how many."""
-        stored = 0
         async with self._flush_lock:
-            for key, outcome in list(self.pending.items()):
-                try:
-                    await self._record(outcome)
-                except DatabaseUnavailable:
-                    return self._flushed(stored)
-                except InvalidPrediction as exc:
-                    log.error("waiting prediction not storable, dropped: %s", exc)
-                self.pending.pop(key, None)
-                stored += 1
-            for prediction_id, label in list(self.pending_labels.items()):
-                try:
-                    await self.db.set_label(prediction_id, label)
-                except DatabaseUnavailable:
-                    return self._flushed(stored)
-                except PredictionNotFound:
-                    log.error("label for unknown prediction %d dropped", prediction_id)
-                self.pending_labels.pop(prediction_id, None)
-                stored += 1
-        return self._flushed(stored)
-
-    def _flushed(self, stored: int) -> int:
-        if stored:
-            metrics.PENDING_SAVED.inc(stored)
-            self.version += 1
-            log.info("stored %d waiting predictions/labels", stored)
+            stored = 0
+            try:
+                outcomes = self.outbox.outcomes()
+                for start in range(0, len(outcomes), FLUSH_CHUNK):
+                    stored += await self._flush_outcomes(outcomes[start : start + FLUSH_CHUNK])
+                stored += await self._flush_key_labels()
+                stored += await self._flush_id_labels()
+            except DatabaseUnavailable:
+                pass
+            finally:
+                if stored:
+                    metrics.stored_late(stored)
+                    log.info("stored %d waiting predictions/labels", stored)
+                    self._changed()
         return stored
 
-    async def retry_forever(self) -> None:
-        """Background task: flush what waits every `retry_interval_s`."""
+    async def _flush_outcomes(self, outcomes: list[Outcome]) -> int:
+        """Store a chunk together, then their labels; raises `DatabaseUnavailable` after the chunk."""
+        model_name = self.inference.model_name
+        new = [o for o in outcomes if o.id is None]  # an id is set: stored, its label or tombstone was not
+        results = await asyncio.gather(
+            *(self._db.record_prediction(new_prediction(o, model_name)) for o in new), return_exceptions=True
+        )
+        unavailable: DatabaseUnavailable | None = None
+        dropped: list[str] = []
+        for outcome, result in zip(new, results, strict=True):
+            if isinstance(result, DatabaseUnavailable):
+                unavailable = result
+            elif isinstance(result, InvalidPrediction):
+                log.error("waiting prediction not storable, dropped: %s", result)
+                dropped.append(outcome.key)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                outcome.id = result
+        done: list[str] = []
+        labels_done: list[tuple[str, int]] = []
+        for outcome in outcomes:
+            if outcome.id is None:
+                continue
+            label = self.outbox.key_labels().get(outcome.key)
+            if label is not None:
+                try:
+                    await self._db.set_label(outcome.id, label)
+                except DatabaseUnavailable as exc:
+                    unavailable = exc
+                    break
+                except PredictionNotFound:  # not expected: the row was just stored
+                    log.error("label for prediction %d dropped: the row is gone", outcome.id)
+                labels_done.append((outcome.key, label))
+                outcome.label_stored = outcome.label == label
+            done.append(outcome.key)
+        await self.outbox.remove(predictions=done + dropped, key_labels=labels_done)
+        if unavailable is not None:
+            raise unavailable
+        return len(done)
+
+    async def _flush_key_labels(self) -> int:
+        """Labels given while their prediction waited, whose prediction is stored by now."""
+        stored = 0
+        for key, label in self.outbox.key_labels().items():
+            if self.outbox.has_outcome(key):
+                continue
+            row = await self._db.find_by_key(key)
+            if row is None:
+                log.error("label %d for a prediction that was never stored, dropped", label)
+            else:
+                await self._db.set_label(row.id, label)
+                stored += 1
+            await self.outbox.remove(key_labels=[(key, label)])
+        return stored
+
+    async def _flush_id_labels(self) -> int:
+        stored = 0
+        for prediction_id, label in self.outbox.id_labels().items():
+            try:
+                await self._db.set_label(prediction_id, label)
+                stored += 1
+            except PredictionNotFound:
+                log.error("label for unknown prediction %d dropped", prediction_id)
+            await self.outbox.remove(id_labels=[(prediction_id, label)])
+        return stored
+
+    async def _retry_forever(self) -> None:
+        """Background task: store what waits, at once and then every `retry_interval_s`."""
         while True:
-            await asyncio.sleep(self.retry_interval_s)
             if self.waiting:
                 try:
                     await self.flush()
-                except Exception:  # keep retrying whatever happens; a bug here must not stop saving
+                except Exception:  # keep retrying whatever happens; a bug here must not stop storing
                     log.exception("storing waiting predictions failed")
+            await asyncio.sleep(self.retry_interval_s)

@@ -59,20 +59,18 @@ def digit_bars(data: Sequence[Any], color: str | None = None) -> dict[str, Any]:
 def probability_chart(probabilities: Sequence[float], digit: int) -> dict[str, Any]:
     """ECharts options: ten bars, the predicted digit highlighted."""
     return digit_bars(
-        {"value": round(float(p), 4), "itemStyle": {"color": "#1976d2" if d == digit else "#9e9e9e"}}
-        for d, p in enumerate(probabilities)
+        [
+            {"value": round(float(p), 4), "itemStyle": {"color": "#1976d2" if d == digit else "#9e9e9e"}}
+            for d, p in enumerate(probabilities)
+        ]
     )
 
 
 def confusion_chart(confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
     """ECharts heatmap of confusion[true][predicted], true labels down, predictions across."""
-    cells = [
-        {"value": [pred, true, count], "label": {"show": count > 0}}
-        for true in range(10)
-        for pred in range(10)
-        for count in [int(confusion[true][pred])]
-    ]
-    peak = max((c["value"][2] for c in cells), default=0)
+    counts = [(pred, true, int(confusion[true][pred])) for true in range(10) for pred in range(10)]
+    cells = [{"value": [pred, true, count], "label": {"show": count > 0}} for pred, true, count in counts]
+    peak = max((count for _, _, count in counts), default=0)
     digits = [str(d) for d in range(10)]
     axis = {"type": "category", "data": digits, "nameLocation": "middle", "splitArea": {"show": True}}
     return {

@@ -1,13 +1,15 @@
-"""Sample data for the db tests: valid predictions with real PNG drawings."""
+"""Sample data for the db tests: valid predictions with real PNG drawings; `one()` for SQL checks."""
 
 from __future__ import annotations
 
 import io
 from dataclasses import replace
+from typing import Any
 
+import psycopg
 from PIL import Image, ImageDraw
 
-from db.store import NewPrediction
+from db.records import NewPrediction
 
 
 def drawing_png(seed: int = 0) -> bytes:
@@ -34,3 +36,10 @@ def prediction(digit: int = 3, seed: int = 0, **changes: object) -> NewPredictio
         input_pixels=bytes((seed + i) % 256 for i in range(784)),
     )
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def one(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The row a statement must return."""
+    row = cur.fetchone()
+    assert row is not None, "the statement returned no row"
+    return row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from db.migrate import MIGRATIONS_DIR, MigrationError, load_migrations, migrate, pending
 from db.store import STATS
-from tests.db.samples import drawing_png
+from tests.db.samples import drawing_png, one
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,12 +75,14 @@ def test_0002_moves_existing_drawings(empty_db_url: str, tmp_path: Path) -> None
     assert migrate(empty_db_url, first) == ["0001_predictions.sql"]
     png = drawing_png(7)
     with psycopg.connect(empty_db_url) as conn:
-        (pid,) = conn.execute(
-            "INSERT INTO predictions (digit, confidence, probabilities, model_name, model_version, "
-            "latency_ms, image_png, input_pixels, true_label, labelled_at) "
-            "VALUES (7, 0.5, %s, 'mnist', 'old', 3, %s, %s, 1, now()) RETURNING id",
-            ([0.1] * 10, png, bytes(range(256)) * 3 + bytes(16)),
-        ).fetchone()
+        (pid,) = one(
+            conn.execute(
+                "INSERT INTO predictions (digit, confidence, probabilities, model_name, model_version, "
+                "latency_ms, image_png, input_pixels, true_label, labelled_at) "
+                "VALUES (7, 0.5, %s, 'mnist', 'old', 3, %s, %s, 1, now()) RETURNING id",
+                ([0.1] * 10, png, bytes(range(256)) * 3 + bytes(16)),
+            )
+        )
     assert migrate(empty_db_url)[0] == "0002_prediction_images.sql"
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute(
@@ -144,7 +147,7 @@ def test_failing_migration_rolls_back_and_is_not_recorded(empty_db_url: str, tmp
 
 
 def test_command_line(empty_db_url: str, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "db.migrate", "--url", empty_db_url]
+    cmd = [sys.executable, "-m", "db", "migrate", "--database-url", empty_db_url]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
     assert "applied: 0001_predictions.sql, 0002_prediction_images.sql, 0003" in first.stdout
@@ -152,12 +155,41 @@ def test_command_line(empty_db_url: str, tmp_path: Path) -> None:
     assert again.returncode == 0 and "nothing to apply" in again.stdout
 
 
+def test_the_former_command_still_works(empty_db_url: str) -> None:
+    cmd = [sys.executable, "-m", "db.migrate", "--url", empty_db_url]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "applied: 0001_predictions.sql" in first.stdout and "0004_prediction_key.sql" in first.stdout
+
+
+def test_command_line_takes_database_url_from_the_environment(empty_db_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": empty_db_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "db", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "0004_prediction_key.sql" in result.stdout
+
+
+def test_command_line_reports_an_unreachable_server(tmp_path: Path) -> None:
+    url = f"postgresql://postgres@/postgres?host={tmp_path}&port=5999&connect_timeout=2"  # no server there
+    result = subprocess.run(
+        [sys.executable, "-m", "db", "migrate", "--database-url", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "migration failed: database unavailable" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_command_line_reports_a_changed_migration(empty_db_url: str) -> None:
     migrate(empty_db_url)
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
         conn.execute("UPDATE schema_migrations SET checksum = repeat('0', 64) WHERE version = 1")
     result = subprocess.run(
-        [sys.executable, "-m", "db.migrate", "--url", empty_db_url],
+        [sys.executable, "-m", "db", "migrate", "--url", empty_db_url],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -212,7 +244,7 @@ def test_schema_rejects(db_url: str, changes: dict, constraint: str) -> None:
 
 def test_schema_label_rules(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        (pid,) = conn.execute(INSERT, _valid()).fetchone()
+        (pid,) = one(conn.execute(INSERT, _valid()))
         with pytest.raises(psycopg.errors.CheckViolation, match="predictions_true_label_range"):
             conn.execute("UPDATE predictions SET true_label = 10, labelled_at = now() WHERE id = %s", (pid,))
         with pytest.raises(psycopg.errors.CheckViolation, match="predictions_label_time"):
@@ -239,7 +271,7 @@ def test_counters_follow_inserts_updates_and_deletes(db_url: str) -> None:
         ids = []
         for i in range(30):
             row = {**_valid(), "digit": i % 10}
-            ids.append(conns[i % 3].execute(INSERT, row).fetchone()[0])
+            ids.append(one(conns[i % 3].execute(INSERT, row))[0])
         update = "UPDATE predictions SET true_label = %s, labelled_at = now() WHERE id = %s"
         for i, pid in enumerate(ids[:20]):
             conns[i % 3].execute(update, (i % 7, pid))
@@ -274,7 +306,8 @@ def test_0003_counts_the_rows_already_there(empty_db_url: str, tmp_path: Path) -
         for digit in (1, 1, 2):
             conn.execute(INSERT, {**_valid(), "digit": digit})
         conn.execute("UPDATE predictions SET true_label = 1, labelled_at = now() WHERE digit = 2")
-    assert migrate(empty_db_url) == ["0003_prediction_counts.sql"]
+    shutil.copy(MIGRATIONS_DIR / "0003_prediction_counts.sql", first)
+    assert migrate(empty_db_url, first) == ["0003_prediction_counts.sql"]
     with psycopg.connect(empty_db_url) as conn:
         assert _counted(conn) == [("1.0", None, 1, 2), ("1.0", 1, 2, 1)]
 
@@ -282,3 +315,32 @@ def test_0003_counts_the_rows_already_there(empty_db_url: str, tmp_path: Path) -
 def test_migrate_refuses_a_folder_without_migrations(tmp_path: Path, empty_db_url: str) -> None:
     with pytest.raises(MigrationError, match="no migration files"):
         migrate(empty_db_url, tmp_path)
+
+
+def test_0004_key_is_optional_unique_and_bounded(db_url: str) -> None:
+    keyed = INSERT.replace("latency_ms)", "latency_ms, key)").replace("1.0)", "1.0, %(key)s)")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(INSERT, _valid())
+        conn.execute(INSERT, _valid())  # rows without a key never conflict
+        conn.execute(keyed, {**_valid(), "key": "k" * 200})
+        with pytest.raises(psycopg.errors.UniqueViolation) as unique:
+            conn.execute(keyed, {**_valid(), "key": "k" * 200})
+        assert unique.value.diag.constraint_name == "predictions_key_unique"
+        for bad in ("", "k" * 201):
+            with pytest.raises(psycopg.errors.CheckViolation) as check:
+                conn.execute(keyed, {**_valid(), "key": bad})
+            assert check.value.diag.constraint_name == "predictions_key_length"
+        assert _counted(conn) == _grouped(conn) == [("1.0", None, 3, 3)]  # the refused rows: not counted
+
+
+def test_0004_keeps_the_rows_already_there(empty_db_url: str, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    for path in sorted(MIGRATIONS_DIR.glob("000[1-3]_*.sql")):
+        shutil.copy(path, first)
+    migrate(empty_db_url, first)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        (pid,) = one(conn.execute(INSERT, _valid()))
+    assert migrate(empty_db_url) == ["0004_prediction_key.sql"]
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT id, key FROM predictions").fetchall() == [(pid, None)]

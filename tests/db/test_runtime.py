@@ -12,6 +12,7 @@ import pytest
 from db.embedded import EmbeddedPostgres
 from db.runtime import database_url, start_database
 from settings import Settings
+from tests.db.samples import one
 
 
 def test_a_given_url_is_used_and_migrated(empty_db_url: str) -> None:
@@ -19,7 +20,7 @@ def test_a_given_url_is_used_and_migrated(empty_db_url: str) -> None:
     assert database.url == empty_db_url and not database.embedded
     database.stop()  # nothing to stop
     with psycopg.connect(empty_db_url) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 3
+        assert one(conn.execute("SELECT count(*) FROM schema_migrations"))[0] >= 3
 
 
 def test_database_url_setting_is_used(empty_db_url: str) -> None:
@@ -42,6 +43,6 @@ def test_embedded_server_when_no_url() -> None:
         assert not EmbeddedPostgres(tmp / "postgres").is_running()
         # The same data, started again.
         with database_url(settings=settings) as url, psycopg.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 3
+            assert one(conn.execute("SELECT count(*) FROM schema_migrations"))[0] >= 3
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,23 +1,19 @@
-"""The Store against a real PostgreSQL: writes, labels, history, statistics, outages."""
+"""The Store against a real PostgreSQL: writes, keys, labels, history, statistics, outages."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import time
+from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
 import pytest
 
-from db.store import (
-    DatabaseUnavailable,
-    InvalidLabel,
-    InvalidPrediction,
-    PredictionNotFound,
-    Store,
-    StoreError,
-    validate_prediction,
-)
+from db import errors, records
+from db.errors import DatabaseUnavailable, InvalidLabel, InvalidPrediction, PredictionNotFound, StoreError
+from db.records import validate_key, validate_prediction
+from db.store import Store
 from tests.db.samples import drawing_png, prediction
 
 INJECTION = "'); DROP TABLE predictions;--"
@@ -40,6 +36,12 @@ INJECTION = "'); DROP TABLE predictions;--"
         ({"image_png": b"GIF89a..."}, "PNG"),
         ({"image_png": b"\x89PNG\r\n\x1a\n" + bytes(2_000_000)}, "at most"),
         ({"input_pixels": bytes(783)}, "784"),
+        ({"created_at": datetime(2026, 1, 1)}, "timezone-aware"),  # naive: which zone?
+        ({"created_at": "2026-01-01T00:00:00Z"}, "created_at"),
+        ({"key": ""}, "key"),
+        ({"key": "k" * 201}, "key"),
+        ({"key": "a\x00b"}, "key"),
+        ({"key": 7}, "key"),
     ],
 )
 def test_validate_prediction_rejects(changes: dict, message: str) -> None:
@@ -49,6 +51,18 @@ def test_validate_prediction_rejects(changes: dict, message: str) -> None:
 
 def test_validate_prediction_accepts_a_valid_one() -> None:
     validate_prediction(prediction())
+    validate_prediction(prediction(key="k" * 200, created_at=datetime(2026, 1, 1, tzinfo=UTC)))
+    assert validate_key("idem:abc") == "idem:abc"
+
+
+def test_the_old_names_are_still_importable_from_db_store() -> None:
+    from db import store
+
+    for name in ("DatabaseUnavailable", "InvalidLabel", "InvalidPrediction", "PredictionNotFound"):
+        assert getattr(store, name) is getattr(errors, name)
+    assert store.StoreError is errors.StoreError
+    for name in ("NewPrediction", "PredictionRow", "validate_prediction", "validate_label", "validate_id"):
+        assert getattr(store, name) is getattr(records, name)
 
 
 # -- against the server ------------------------------------------------------------------------------
@@ -60,7 +74,7 @@ async def test_record_and_read_back(store: Store) -> None:
     assert row.probabilities == pytest.approx(list(p.probabilities))
     assert (row.model_name, row.model_version) == ("mnist", "1.0")
     assert row.true_label is None and row.labelled_at is None and row.correct is None
-    assert row.created_at.utcoffset().total_seconds() == 0
+    assert row.created_at.utcoffset() == timedelta(0)
     assert await store.image_png(pid) == drawing_png(5)
 
 
@@ -82,6 +96,7 @@ async def test_set_and_replace_label(store: Store) -> None:
     await store.set_label(pid, 3)
     second = await store.get(pid)
     assert second.true_label == 3 and second.correct is True
+    assert second.labelled_at is not None
     assert second.labelled_at >= first.labelled_at
 
 
@@ -178,6 +193,93 @@ async def test_concurrent_writes(store: Store) -> None:
     assert (await store.stats()).total == 40
     for i, pid in enumerate(ids):  # each caller got the id of its own row
         assert await store.image_png(pid) == drawing_png(i)
+
+
+def _count(db_url: str, sql: str, *params: object) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_created_at_is_kept_as_given(store: Store) -> None:
+    when = datetime(2026, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC) - timedelta(days=400)
+    pid = await store.record_prediction(prediction(created_at=when))
+    assert (await store.get(pid)).created_at == when
+    paris = datetime(2026, 3, 4, 12, 0, tzinfo=timezone(timedelta(hours=1)))
+    assert (await store.get(await store.record_prediction(prediction(created_at=paris)))).created_at == paris
+    now_row = await store.get(await store.record_prediction(prediction()))
+    assert abs((now_row.created_at - datetime.now(UTC)).total_seconds()) < 60  # unset: now
+    # Written together (one transaction, the outbox's case): each keeps its own time.
+    times = [when + timedelta(minutes=i) for i in range(6)]
+    ids = await asyncio.gather(
+        *(store.record_prediction(prediction(seed=i, created_at=t)) for i, t in enumerate(times))
+    )
+    assert [(await store.get(pid)).created_at for pid in ids] == times
+
+
+async def test_a_second_record_with_the_same_key_stores_nothing(store: Store, db_url: str) -> None:
+    first = await store.record_prediction(prediction(digit=4, seed=1, key="outbox:1"))
+    again = await store.record_prediction(prediction(digit=9, seed=2, key="outbox:1"))  # a replay
+    assert again == first
+    row = await store.get(first)
+    assert row.digit == 4  # the first one, untouched
+    assert await store.image_png(first) == drawing_png(1)
+    assert _count(db_url, "SELECT count(*) FROM predictions") == 1
+    assert _count(db_url, "SELECT count(*) FROM prediction_images") == 1
+    # The counters of migration 0003 count it once.
+    stats = await store.stats()
+    assert (stats.total, stats.per_digit[4].predicted, stats.per_digit[9].predicted) == (1, 1, 0)
+    other = await store.record_prediction(prediction(key="outbox:2"))
+    assert other != first and (await store.stats()).total == 2
+    # Rows without a key never conflict.
+    assert len({await store.record_prediction(prediction()) for _ in range(3)}) == 3
+
+
+async def test_find_by_key(store: Store) -> None:
+    assert await store.find_by_key("idem:none") is None
+    pid = await store.record_prediction(prediction(digit=2, key="idem:abc"))
+    found = await store.find_by_key("idem:abc")
+    assert found is not None and (found.id, found.digit) == (pid, 2)
+    with pytest.raises(InvalidPrediction, match="key"):
+        await store.find_by_key("k" * 201)
+
+
+async def test_duplicate_keys_written_together_store_one_row_each(store: Store, db_url: str) -> None:
+    # Concurrent calls are written in one transaction: twins inside one batch, too.
+    items = [prediction(seed=i, key=f"k{i % 4}") for i in range(20)]
+    ids = await asyncio.gather(*(store.record_prediction(p) for p in items))
+    assert len(set(ids)) == 4
+    assert all(ids[i] == ids[i % 4] for i in range(20))
+    assert _count(db_url, "SELECT count(*) FROM predictions") == 4
+    assert (await store.stats()).total == 4
+    for i in range(4):  # each key's row is the first one written with it
+        assert await store.image_png(ids[i]) == drawing_png(i)
+
+
+async def test_a_twin_committed_while_the_insert_waits_is_found(store: Store, db_url: str) -> None:
+    """The unique index makes the insert wait for another transaction holding the same key; once it
+    commits, the insert stores nothing and must still answer that row's id (seen only by a new snapshot)."""
+    async with await psycopg.AsyncConnection.connect(db_url) as other:
+        cur = await other.execute(
+            "WITH p AS (INSERT INTO predictions (digit, confidence, probabilities, model_name, "
+            "model_version, latency_ms, key) VALUES (5, 0.5, %s, 'mnist', '1.0', 1, 'race') RETURNING id) "
+            "INSERT INTO prediction_images SELECT id, %s, %s FROM p RETURNING prediction_id",
+            ([0.1] * 10, drawing_png(), bytes(784)),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        twin = row[0]
+        task = asyncio.create_task(store.record_prediction(prediction(digit=1, key="race")))
+        deadline = time.monotonic() + 10
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = %s"
+        while not _count(db_url, waiting, psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]):
+            assert time.monotonic() < deadline and not task.done(), "the insert did not wait for the twin"
+            await asyncio.sleep(0.02)
+        await other.commit()
+    assert await asyncio.wait_for(task, 10) == twin
+    assert _count(db_url, "SELECT count(*) FROM predictions") == 1
+    assert (await store.stats()).total == 1
 
 
 async def test_a_row_the_database_rejects_fails_alone(store: Store, monkeypatch) -> None:

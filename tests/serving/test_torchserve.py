@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -18,9 +19,23 @@ import psutil
 import pytest
 from PIL import Image
 
-from serving.torchserve import ServeConfig, ServeError, busy_ports, environment, read_pid, start, stop
-from tests.fixtures.torchserve import free_ports, manifest_version, session_config
+from serving.management import ManagementClient
+from serving.ports import free_port
+from serving.torchserve import (
+    ServeConfig,
+    ServeError,
+    busy_ports,
+    environment,
+    launch,
+    read_pid,
+    start,
+    stop,
+    wait_api,
+)
+from settings import Settings
+from tests.fixtures.torchserve import cli_env, manifest_version, session_config
 from tests.handlers.renditions import png, read_mnist_test
+from ui.inference import InferenceClient, InferenceUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +70,15 @@ def test_config_properties_binds_loopback_with_prometheus_metrics():
     assert props["disable_token_authorization"] == "true"
 
 
+def test_serve_config_defaults_are_the_settings_defaults():
+    """One place for defaults: ServeConfig() is what settings.py gives with an empty environment."""
+    defaults = Settings.model_construct()  # the field defaults, no environment or .env read
+    assert ServeConfig() == ServeConfig.from_settings(defaults)
+    config = ServeConfig()
+    assert (config.model_name, config.max_upload_bytes) == (defaults.model_name, defaults.max_upload_bytes)
+    assert config.run_dir == defaults.run_dir / "torchserve"
+
+
 def test_environment_sets_java_temp_logs_ports_and_threads(tmp_path):
     config = ServeConfig(
         model_store=tmp_path, run_dir=tmp_path / "run", inference_url="http://127.0.0.1:9999"
@@ -86,20 +110,6 @@ def test_start_fails_clearly_without_the_model_archive(tmp_path):
     config = ServeConfig(model_store=tmp_path, run_dir=tmp_path / "run")
     with pytest.raises(ServeError, match=r"mnist\.mar not found"):
         start(config, timeout=5)
-
-
-def cli_env(config: ServeConfig) -> dict[str, str]:
-    """The environment that makes `python -m serving` use `config` (settings.py reads it)."""
-    return {
-        **os.environ,
-        "MODEL_STORE": str(config.model_store),
-        "RUN_DIR": str(config.run_dir.parent),
-        "INFERENCE_URL": config.inference_url,
-        "MANAGEMENT_URL": config.management_url,
-        "METRICS_URL": config.metrics_url,
-        "GRPC_INFERENCE_PORT": str(config.grpc_inference_port),
-        "GRPC_MANAGEMENT_PORT": str(config.grpc_management_port),
-    }
 
 
 @pytest.mark.slow
@@ -166,6 +176,7 @@ def test_cli_run_serves_in_the_foreground_until_sigterm(tmp_path, digit):
     )
     try:
         lines = []
+        assert process.stdout is not None
         for line in process.stdout:  # the console and our own lines, until ready (or exit)
             lines.append(line)
             if line.startswith("TorchServe is ready"):
@@ -200,6 +211,34 @@ def test_stop_ends_the_frontend_and_workers_even_if_the_launcher_died(tmp_path):
     assert read_pid(config) is None and not stop(config)
 
 
+@pytest.mark.slow
+def test_a_frontend_without_the_model_is_model_loading_never_a_404(tmp_path):
+    """TorchServe up but the model not registered yet (every start and restart): 503 "model loading"."""
+    config = session_config(tmp_path)
+    pid = launch(config)  # the frontend alone, as in the seconds before `start` registers the model
+    try:
+        wait_api(config, timeout=120, pid=pid)
+
+        async def ask() -> tuple[tuple[bool, str], Exception]:
+            client = InferenceClient(config.inference_url, config.model_name, config.management_url)
+            try:
+                readiness = await client.ready()
+                with pytest.raises(InferenceUnavailable) as info:
+                    await client.predict(b"any image")
+                return readiness, info.value
+            finally:
+                await client.close()
+
+        (ready, detail), error = asyncio.run(ask())
+        assert not ready and detail == "model loading: 'mnist' is not registered yet"
+        assert str(error).startswith("model loading: ") and "Model not found" in str(error)
+        with config.management() as client:
+            assert client.alive() and not client.ready() and client.versions() == []
+    finally:
+        stop(config)
+    assert read_pid(config) is None
+
+
 # --- management API -------------------------------------------------------------------------
 
 
@@ -223,24 +262,40 @@ def test_customized_describe_shows_the_handlers_contract(torchserve):
     assert meta["max_upload_bytes"] == torchserve.config.max_upload_bytes
 
 
+def test_health_command_exits_0_only_when_the_model_is_ready(torchserve):
+    """`python -m serving health`: the container healthcheck, on the readiness rule."""
+
+    def health(management_url: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MANAGEMENT_URL": management_url, "MODEL_NAME": torchserve.model_name}
+        return subprocess.run(
+            [sys.executable, "-m", "serving", "health"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+
+    ready = health(torchserve.management_url)
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert ready.stdout.strip() == "ready: workers: " + ", ".join(["READY"] * torchserve.config.workers)
+    down = health(f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 1 and down.stdout.startswith("not ready: ") and "not reachable" in down.stdout
+    bind_all = health(torchserve.management_url.replace("127.0.0.1", "0.0.0.0"))  # as in the container
+    assert bind_all.returncode == 0, bind_all.stdout + bind_all.stderr
+
+
 def test_scale_workers_down_and_up(torchserve, digit):
-    url = f"{torchserve.management_url}/models/{torchserve.model_name}"
     configured = torchserve.config.workers
-    try:
-        for count in (1, 3):
-            scale = {"min_worker": count, "max_worker": count, "synchronous": "true"}
-            response = httpx.put(url, params=scale, timeout=120)
-            assert response.status_code == 200, response.text
-            workers = describe(torchserve)[0]["workers"]
-            assert [w["status"] for w in workers] == ["READY"] * count
-            answers = [
-                httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30) for _ in range(4)
-            ]
-            assert all(a.status_code == 200 and a.json()["digit"] == digit[1] for a in answers)
-    finally:
-        scale = {"min_worker": configured, "max_worker": configured, "synchronous": "true"}
-        response = httpx.put(url, params=scale, timeout=120)
-    assert response.status_code == 200, response.text
+    with ManagementClient(torchserve.management_url, torchserve.model_name) as client:
+        version = describe(torchserve)[0]["modelVersion"]
+        try:
+            for count in (1, 3):
+                client.scale(version, count, timeout=120)
+                workers = describe(torchserve)[0]["workers"]
+                assert [w["status"] for w in workers] == ["READY"] * count
+                assert client.ready()
+                answers = [
+                    httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30) for _ in range(4)
+                ]
+                assert all(a.status_code == 200 and a.json()["digit"] == digit[1] for a in answers)
+        finally:
+            client.scale(None, configured, timeout=120)  # None: the default version
     assert len(describe(torchserve)[0]["workers"]) == configured
 
 
@@ -260,24 +315,33 @@ def build_version(torchserve, version: str) -> str:
 
 
 def test_register_a_second_version_and_call_it_by_version(torchserve, digit):
+    """Through the management client: register, versions, set-default both ways, unregister."""
     mar = build_version(torchserve, "2.0-test")
-    models = f"{torchserve.management_url}/models"
-    response = httpx.post(
-        models, params={"url": mar, "initial_workers": 1, "synchronous": "true"}, timeout=180
+    client = ManagementClient(torchserve.management_url, torchserve.model_name)
+    default = describe(torchserve)[0]["modelVersion"]
+    registered = client.register(
+        mar, version="2.0-test", workers=1, batch_size=1, max_batch_delay_ms=0, timeout=180
     )
-    assert response.status_code == 200, response.text
+    assert registered == "2.0-test"
     try:
         versions = {m["modelVersion"] for m in describe(torchserve, "all")}
-        default = describe(torchserve)[0]["modelVersion"]
-        assert versions == {default, "2.0-test"}
+        assert versions == {default, "2.0-test"} == {m["modelVersion"] for m in client.versions()}
         by_version = httpx.post(torchserve.predictions_url("2.0-test"), content=digit[0], timeout=30)
         assert by_version.status_code == 200, by_version.text
         assert by_version.json()["model_version"] == "2.0-test" and by_version.json()["digit"] == digit[1]
         plain = httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30)
         assert plain.json()["model_version"] == default  # the default version is unchanged
+        client.set_default("2.0-test")
+        try:
+            assert client.describe()[0]["modelVersion"] == "2.0-test" and client.ready()
+            plain = httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30)
+            assert plain.json()["model_version"] == "2.0-test"
+        finally:
+            client.set_default(default)
+        assert client.describe()[0]["modelVersion"] == default
     finally:
-        deleted = httpx.delete(f"{models}/{torchserve.model_name}/2.0-test", timeout=120)
-    assert deleted.status_code == 200, deleted.text
+        client.unregister("2.0-test", timeout=120)
+        client.close()
     assert {m["modelVersion"] for m in describe(torchserve, "all")} == {default}
 
 
@@ -302,8 +366,3 @@ def test_metrics_are_prometheus_text_and_count_requests(torchserve, digit):
     for _ in range(3):
         assert httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30).status_code == 200
     assert inference_requests_total(torchserve) >= before + 3
-
-
-def test_free_ports_are_distinct():
-    ports = free_ports(5)
-    assert len(set(ports)) == 5

@@ -1,4 +1,4 @@
-"""The IDX reader, the checksum check and the downloader (against a real local HTTP server)."""
+"""The IDX format, the MNIST reader, the checksum check and the downloader (against a local HTTP server)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import data
+from training import data, idx
 from training.data import FILES, ChecksumMismatchWarning, IdxFile, MnistDataError
 
 SMALL_IMAGES = IdxFile("imgs.gz", "0" * 64, 0x0803, (3, 28, 28))
@@ -28,6 +28,67 @@ def idx_bytes(array: np.ndarray, magic: int) -> bytes:
 def write_gz(path: Path, raw: bytes) -> Path:
     path.write_bytes(gzip.compress(raw))
     return path
+
+
+# --- the IDX format (training.idx) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(5 * 28 * 28, dtype=np.uint32).reshape(5, 28, 28).astype(np.uint8) % 251,
+        np.array([7, 2, 1, 0, 4], dtype=np.uint8),
+        np.zeros((0, 28, 28), dtype=np.uint8),
+        np.arange(-6, 6, dtype=np.int16).reshape(3, 4),
+        np.linspace(-1, 1, 7, dtype=np.float32),
+        np.arange(2 * 3 * 4 * 5, dtype=np.int32).reshape(2, 3, 4, 5),
+        np.array([1.5, -2.25]),  # float64
+    ],
+)
+def test_idx_round_trip_of_any_shape_and_length(array: np.ndarray) -> None:
+    raw = idx.encode(array)
+    assert raw[:2] == b"\0\0" and raw[3] == array.ndim
+    out = idx.decode(raw, "x.idx")
+    assert out.shape == array.shape and out.dtype.kind == array.dtype.kind
+    np.testing.assert_array_equal(out, array)
+
+
+def test_idx_matches_the_mnist_layout_byte_for_byte() -> None:
+    labels = np.array([7, 2, 1], dtype=np.uint8)
+    assert idx.encode(labels) == bytes.fromhex("00000801 00000003") + bytes([7, 2, 1])
+    images = np.zeros((2, 28, 28), dtype=np.uint8)
+    assert idx.encode(images)[:16] == bytes.fromhex("00000803 00000002 0000001c 0000001c")
+    assert idx.magic_for(np.dtype(np.uint8), 3) == idx.UBYTE_IMAGES
+
+
+def test_idx_shape_with_any_length() -> None:
+    raw = idx.encode(np.ones((4, 28, 28), dtype=np.uint8))
+    assert idx.decode(raw, "n.idx", magic=idx.UBYTE_IMAGES, shape=(None, 28, 28)).shape == (4, 28, 28)
+    with pytest.raises(idx.IdxError, match=r"n\.idx: dimensions \(4, 28, 28\), expected \(any, 28, 27\)"):
+        idx.decode(raw, "n.idx", shape=(None, 28, 27))
+    with pytest.raises(idx.IdxError, match="dimensions"):
+        idx.decode(raw, "n.idx", shape=(None, 784))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\1\0\x08\x01" + bytes(4), "not an IDX file"),
+        (b"\0\0\x0a\x01" + bytes(4), "not an IDX file"),  # no element type 0x0a
+        (b"\0\0\x08\x03" + bytes(5), "truncated header"),
+        (idx.encode(np.zeros(3, dtype=np.int32))[:-1], "truncated or padded"),
+    ],
+)
+def test_idx_errors_name_the_file(raw: bytes, message: str) -> None:
+    with pytest.raises(idx.IdxError, match=f"some.idx: .*{message}"):
+        idx.decode(raw, "some.idx")
+
+
+def test_idx_refuses_what_it_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="cannot hold"):
+        idx.encode(np.array(["a"]))
+    with pytest.raises(ValueError, match="1 to 255 dimensions"):
+        idx.encode(np.array(3, dtype=np.uint8))
 
 
 # --- the reader -------------------------------------------------------------------------------

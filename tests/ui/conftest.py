@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,17 +40,23 @@ class Simulated:
 
 @asynccontextmanager
 async def simulate(store: Any, model: FakeModel, run_dir: Path) -> AsyncIterator[Simulated]:
-    """Like nicegui.testing's `user` fixture, with the app built by `create_app` on `store` and `model`."""
+    """Like nicegui.testing's `user` fixture, with the app built by `create_app` on `store` and `model`.
+
+    The outbox lives in `run_dir / "data" / "outbox"`; the simulation waits until the service has
+    started (its outbox open), as the server does before its first request.
+    """
     transport = model.transport()
     inference = InferenceClient("http://model.test", management_url="http://model.test", transport=transport)
     with nicegui_reset_globals():
         os.environ["NICEGUI_USER_SIMULATION"] = "true"
         try:
             prepare_simulation()
-            service = create_app(Settings(run_dir=run_dir), store=store, inference=inference)
+            settings = Settings(run_dir=run_dir, data_dir=run_dir / "data")
+            service = create_app(settings, store=store, inference=inference)
             service.retry_interval_s = 0.05
             ui.run(storage_secret="simulated secret", **UI_OPTIONS)
             async with core.app.router.lifespan_context(core.app):
+                await wait_started(service)
                 app_transport = httpx.ASGITransport(core.app)
                 async with (
                     httpx.AsyncClient(transport=app_transport, base_url="http://test") as user_client,
@@ -62,6 +69,15 @@ async def simulate(store: Any, model: FakeModel, run_dir: Path) -> AsyncIterator
             ui.notify = notify
             ui.download = download
             await inference.close()
+
+
+async def wait_started(service: PredictionService, timeout: float = 10.0) -> None:
+    """NiceGUI runs startup handlers as tasks: wait for the service's."""
+    for _ in range(int(timeout / 0.01)):
+        if service.started:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the service did not start")
 
 
 def assert_no_error_logs(caplog: pytest.LogCaptureFixture) -> None:

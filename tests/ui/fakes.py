@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from db.store import (
-    DatabaseUnavailable,
+from db.errors import DatabaseUnavailable, PredictionNotFound
+from db.records import (
+    LabelledRow,
     NewPrediction,
-    PredictionNotFound,
+    PoolHealth,
     PredictionRow,
-    Stats,
-    compute_stats,
     validate_label,
     validate_prediction,
 )
+from db.stats import Stats, compute_stats
 from handlers.preprocess import PreprocessError, preprocess
+from ui.service import PredictionStore
 
 
 def digit_png(kind: str = "one", size: int = 280) -> bytes:
@@ -78,10 +83,13 @@ class FakeModel:
 
 @dataclass
 class FakeStore:
-    """The `db.store.Store` interface in memory, with a switch to play 'database down'."""
+    """The `ui.service.PredictionStore` interface in memory, with a switch to play 'database down'."""
 
     down: bool = False
     rows: dict[int, tuple[NewPrediction, int | None, datetime]] = field(default_factory=dict)
+    pool: PoolHealth = field(
+        default_factory=lambda: PoolHealth(size=1, idle=1, waiting=0, exhausted_for_s=0.0)
+    )
 
     def _check(self) -> None:
         if self.down:
@@ -96,9 +104,17 @@ class FakeStore:
     async def record_prediction(self, p: NewPrediction) -> int:
         self._check()
         validate_prediction(p)
+        for i, (stored, _, _) in self.rows.items():
+            if p.key is not None and stored.key == p.key:
+                return i  # a known key: the first row's id, nothing stored
         new_id = len(self.rows) + 1
-        self.rows[new_id] = (p, None, datetime.now(UTC))
+        self.rows[new_id] = (p, None, p.created_at or datetime.now(UTC))
         return new_id
+
+    async def find_by_key(self, key: str) -> PredictionRow | None:
+        self._check()
+        await asyncio.sleep(0)  # a query: other requests run meanwhile
+        return next((self._row(i) for i, (p, _, _) in self.rows.items() if p.key == key), None)
 
     async def set_label(self, prediction_id: int, label: int) -> None:
         label = validate_label(label)
@@ -138,9 +154,64 @@ class FakeStore:
         self._check()
         return compute_stats((p.model_version, label, p.digit, 1) for p, label, _ in self.rows.values())
 
-    async def export_labelled(self) -> bytes:
+    async def labelled(self, batch_size: int = 500) -> AsyncIterator[LabelledRow]:
         self._check()
-        return b"PK\x05\x06" + bytes(18)
+        for i, (p, label, at) in sorted(self.rows.items()):
+            if label is not None:
+                yield LabelledRow(
+                    i,
+                    label,
+                    p.digit,
+                    p.confidence,
+                    p.model_name,
+                    p.model_version,
+                    at,
+                    at,
+                    p.image_png,
+                    p.input_pixels,
+                )
+
+    def pool_health(self) -> PoolHealth:
+        return self.pool
+
+
+_: PredictionStore = FakeStore()  # mypy checks the fake against the service's view of the store
+
+
+class FakeModelServer:
+    """`FakeModel` on a real port (127.0.0.1), for an app running in another process."""
+
+    def __init__(self, model: FakeModel | None = None) -> None:
+        self.model = model or FakeModel()
+        fake = self.model
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                request = httpx.Request(self.command, f"http://model.test{self.path}", content=body)
+                response = fake.handler(request)
+                self.send_response(response.status_code)
+                self.send_header("content-type", response.headers.get("content-type", "application/json"))
+                self.send_header("content-length", str(len(response.content)))
+                self.end_headers()
+                self.wfile.write(response.content)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, format: str, *args: object) -> None:  # quiet
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> FakeModelServer:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def mnist_like(digit_array: np.ndarray) -> bytes:

@@ -1,4 +1,5 @@
-"""Helpers for tests against the real app: run `python -m ui` in a subprocess, a switchable TCP proxy."""
+"""Helpers for tests against the real app: run it as `make run` does (`python -m stack`) in a subprocess,
+and a switchable TCP proxy."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from serving import ports
+
 ROOT = Path(__file__).resolve().parents[2]
 # Debian's chromium, driven by Playwright (tests/ui/test_e2e.py, bench/ui.py); never `playwright install`.
 CHROMIUM = "/usr/bin/chromium"
@@ -30,9 +33,8 @@ CHROMIUM_ARGS = [
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port on 127.0.0.1 (the project's one probe, `serving.ports`)."""
+    return ports.free_port()
 
 
 @dataclass
@@ -46,21 +48,24 @@ class RunningApp:
 
 
 def app_env(tmp: Path, port: int, **env: str) -> dict[str, str]:
-    """The environment of a launcher run: own port, run and data folders, not seen as pytest by NiceGUI."""
+    """The environment of an app run: own port, run and data folders, not seen as pytest by NiceGUI."""
     out = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "NICEGUI_"))}
     out.update({"UI_PORT": str(port), "RUN_DIR": str(tmp / "run"), "DATA_DIR": str(tmp / "data"), **env})
     return out
 
 
 @contextlib.contextmanager
-def run_app(tmp: Path, *args: str, timeout: float = 120.0, **env: str) -> Iterator[RunningApp]:
-    """`python -m ui` until the block ends; then SIGTERM, and it must exit 0 within 60 s."""
+def run_app(
+    tmp: Path, *args: str, module: str = "stack", timeout: float = 120.0, **env: str
+) -> Iterator[RunningApp]:
+    """`python -m <module>` (`make run`'s `stack` by default; `ui` = serve only, for a migrated database)
+    until the block ends; then SIGTERM, and it must exit 0 within 60 s."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = tmp / f"ui-{port}.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ui", *args],
+            [sys.executable, "-m", module, *args],
             cwd=ROOT,
             env=app_env(tmp, port, **env),
             stdout=out,

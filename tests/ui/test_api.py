@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import zipfile
+from typing import Any
 
 from PIL import Image
 
@@ -38,7 +39,7 @@ async def test_post_json_base64_and_data_url(sim_db: Simulated) -> None:
 
 
 async def test_bad_input_gets_clear_4xx_and_nothing_stored(sim_db: Simulated) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], int, str]] = [
         ({"content": b"hello, not an image", "headers": {"content-type": "image/png"}}, 400, "not an image"),
         ({"content": digit_png("blank"), "headers": {"content-type": "image/png"}}, 400, "empty"),
         ({"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
@@ -142,6 +143,7 @@ async def test_openapi_documents_the_api(sim_db: Simulated) -> None:
     for path in ("/api/predictions", "/api/predictions/{prediction_id}/label", "/api/stats", "/readyz"):
         assert path in paths
     assert "image/png" in paths["/api/predictions"]["post"]["requestBody"]["content"]
+    assert "Idempotency-Key" in [p["name"] for p in paths["/api/predictions"]["post"]["parameters"]]
 
 
 async def test_health_and_metrics(sim_db: Simulated) -> None:
@@ -151,9 +153,9 @@ async def test_health_and_metrics(sim_db: Simulated) -> None:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
     before = (
-        value("digit_ui_predictions_total", stored="true"),
+        value("digit_ui_predictions_total", model_version="1.0", stored="true"),
         value("digit_ui_errors_total", kind="invalid_input"),
-        value("digit_ui_feedback_total", correct="unknown"),
+        value("digit_ui_feedback_total", model_version="1.0", correct="true"),
         value("digit_ui_prediction_latency_seconds_count"),
     )
     assert (await sim_db.client.get("/healthz")).json() == {"status": "ok"}
@@ -163,12 +165,88 @@ async def test_health_and_metrics(sim_db: Simulated) -> None:
     await sim_db.client.put(f"/api/predictions/{prediction_id}/label", json={"label": 1})
     await sim_db.client.post("/api/predictions", content=b"not an image")
     after = (
-        value("digit_ui_predictions_total", stored="true"),
+        value("digit_ui_predictions_total", model_version="1.0", stored="true"),
         value("digit_ui_errors_total", kind="invalid_input"),
-        value("digit_ui_feedback_total", correct="unknown"),
+        value("digit_ui_feedback_total", model_version="1.0", correct="true"),
         value("digit_ui_prediction_latency_seconds_count"),
     )
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
     text = (await sim_db.client.get("/metrics")).text
     for name in ("predictions_total", "errors_total", "feedback_total", "prediction_latency_seconds_bucket"):
         assert f"digit_ui_{name}" in text
+
+
+async def count_rows(sim: Simulated) -> int:
+    return (await sim.store.stats()).total
+
+
+async def test_idempotency_key_retry_of_a_stored_prediction(sim_db: Simulated) -> None:
+    headers = {"content-type": "image/png", "Idempotency-Key": "client-42"}
+    first = await sim_db.client.post("/api/predictions", content=digit_png("one"), headers=headers)
+    again = await sim_db.client.post("/api/predictions", content=digit_png("one"), headers=headers)
+    assert first.status_code == again.status_code == 201, (first.text, again.text)
+    assert again.json() == first.json() and await count_rows(sim_db) == 1
+    other = await sim_db.client.post(
+        "/api/predictions", content=digit_png("one"), headers={"Idempotency-Key": "x"}
+    )
+    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+    assert await count_rows(sim_db) == 2
+
+
+async def test_idempotency_key_retry_of_a_queued_prediction(sim_db: Simulated, postgres) -> None:
+    headers = {"content-type": "image/png", "Idempotency-Key": "client-43"}
+    postgres.stop()
+    try:
+        first = await sim_db.client.post("/api/predictions", content=digit_png("zero"), headers=headers)
+        again = await sim_db.client.post("/api/predictions", content=digit_png("zero"), headers=headers)
+        assert first.status_code == again.status_code == 202, (first.text, again.text)
+        assert again.json() == first.json() and first.json()["id"] is None
+        assert sim_db.service.waiting == 1
+    finally:
+        postgres.start()
+    for _ in range(200):
+        if not sim_db.service.waiting:
+            break
+        await asyncio.sleep(0.05)
+    after = await sim_db.client.post("/api/predictions", content=digit_png("zero"), headers=headers)
+    assert after.status_code == 201 and after.json()["id"] is not None
+    assert after.json()["digit"] == first.json()["digit"] and await count_rows(sim_db) == 1
+
+
+async def test_idempotency_key_longer_than_200_is_400(sim: Simulated) -> None:
+    ok = await sim.client.post(
+        "/api/predictions", content=digit_png("one"), headers={"Idempotency-Key": "k" * 200}
+    )
+    assert ok.status_code == 201
+    response = await sim.client.post(
+        "/api/predictions", content=digit_png("one"), headers={"Idempotency-Key": "k" * 201}
+    )
+    assert response.status_code == 400 and "Idempotency-Key" in response.json()["detail"]
+    assert len(sim.store.rows) == 1
+
+
+async def test_outbox_full_is_a_503_not_a_promise(sim: Simulated) -> None:
+    sim.store.down = True
+    sim.service.outbox.journal.max_bytes = 1_000  # less than one record
+    response = await sim.client.post("/api/predictions", content=digit_png("one"))
+    assert response.status_code == 503, response.text
+    assert "full" in response.json()["detail"] and sim.service.waiting == 0
+    sim.service.outbox.journal.max_bytes = 10  # less than one label
+    response = await sim.client.put("/api/predictions/1/label", json={"label": 3})
+    assert response.status_code == 503 and "full" in response.json()["detail"] and sim.service.waiting == 0
+
+
+async def test_readyz_names_the_part_not_ready(sim: Simulated) -> None:
+    from db.records import PoolHealth
+
+    body = (await sim.client.get("/readyz")).json()
+    assert body["ready"] and body["model"]["ready"] and body["database"]["ready"] and body["pool"]["ready"]
+    sim.store.pool = PoolHealth(size=8, idle=0, waiting=30, exhausted_for_s=12.0)
+    response = await sim.client.get("/readyz")
+    body = response.json()
+    assert response.status_code == 503 and not body["ready"] and not body["pool"]["ready"]
+    assert body["database"]["ready"] and body["model"]["ready"] and "30 waiting" in body["pool"]["detail"]
+    sim.store.pool = PoolHealth(size=8, idle=8, waiting=0, exhausted_for_s=0.0)
+    sim.model.down = True
+    body = (await sim.client.get("/readyz")).json()
+    assert not body["ready"] and not body["model"]["ready"] and body["pool"]["ready"]

@@ -1,7 +1,8 @@
 """End to end in a real browser (Debian's chromium via Playwright) against the real app.
 
-`python -m ui` runs in a subprocess on a fresh database of the session's real PostgreSQL and talks to
-the session's real TorchServe through a TCP proxy, which the model-server test switches off and on.
+The app runs as `make run` starts it (`python -m stack`, which applies the migrations) in a subprocess
+on a fresh database of the session's real PostgreSQL and talks to the session's real TorchServe
+through a TCP proxy, which the model-server test switches off and on.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def model_proxy(torchserve) -> Iterator[TcpProxy]:
 
 @pytest.fixture(scope="module")
 def database(postgres) -> Iterator[str]:
-    """A fresh empty database: the launcher applies the migrations."""
+    """A fresh empty database: `python -m stack` applies the migrations."""
     url = postgres.create_database()
     yield url
     postgres.drop_database(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
@@ -90,7 +91,9 @@ def stroke_count(page: Page) -> int:
 
 def saved_id(page: Page) -> int:
     expect(page.get_by_test_id("status")).to_contain_text("saved as #", timeout=10_000)
-    return int(re.search(r"#(\d+)", page.get_by_test_id("status").inner_text())[1])
+    found = re.search(r"#(\d+)", page.get_by_test_id("status").inner_text())
+    assert found is not None
+    return int(found[1])
 
 
 def row(database: str, prediction_id: int) -> tuple[int, int | None]:
@@ -115,6 +118,7 @@ def test_draw_predict_label_history_and_database(page: Page, database: str) -> N
     history = page.get_by_test_id("history").get_by_test_id("history-row").first
     expect(history).to_contain_text("predicted 1")
     expect(history).to_contain_text("true 7")
+    expect(page.get_by_text("No predictions yet.")).to_be_hidden()
     page.get_by_role("tab", name="Statistics").click()
     expect(page.get_by_test_id("stat-labelled")).not_to_have_text("0")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ def client_for(handler) -> InferenceClient:
 
 
 def answer(**overrides) -> dict:
-    body = {
+    body: dict[str, Any] = {
         "digit": 3,
         "confidence": 0.8,
         "probabilities": [0.02] * 10,
@@ -98,3 +99,58 @@ async def test_ready_reads_worker_status() -> None:
     )
     assert await client.ready() == (False, "workers: LOADING")
     assert (await client_for(lambda r: httpx.Response(200, json={"status": "Healthy"})).ready())[0]
+
+
+async def test_model_not_registered_yet_is_model_loading_not_a_client_error() -> None:
+    """TorchServe (re)starting answers 404 "Model not found": unavailable (a 503 for API clients)."""
+    calls = []
+
+    def starting(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        body = {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: mnist"}
+        return httpx.Response(404, json=body)
+
+    with pytest.raises(InferenceUnavailable, match=r"^model loading: Model not found: mnist$"):
+        await client_for(starting).predict(b"png")
+    assert len(calls) == 3  # retried briefly, like a 503: the model comes back in seconds
+
+
+async def test_model_registered_while_retrying_answers() -> None:
+    answers = iter([httpx.Response(404, json={"message": "Model not found: mnist"})])
+
+    def registering(request: httpx.Request) -> httpx.Response:
+        return next(answers, httpx.Response(200, json=answer()))
+
+    assert (await client_for(registering).predict(b"png")).digit == 3
+
+
+async def test_ready_follows_the_one_readiness_rule() -> None:
+    """The default version (what `GET /models/mnist` describes) needs one READY worker, not all."""
+    states: list[object] = [[{"workers": [{"status": "READY"}, {"status": "LOADING"}]}]]
+
+    def management(request: httpx.Request) -> httpx.Response:
+        if isinstance(states[0], int):
+            return httpx.Response(states[0], json={"code": 404, "message": "Model not found: mnist"})
+        return httpx.Response(200, json=states[0])
+
+    client = InferenceClient(
+        "http://ts.test", management_url="http://m.test", transport=httpx.MockTransport(management)
+    )
+    assert await client.ready() == (True, "workers: READY, LOADING")
+    states[0] = 404  # TorchServe restarted, the model not registered yet
+    assert await client.ready() == (False, "model loading: 'mnist' is not registered yet")
+    states[0] = [{"workers": []}]
+    assert await client.ready() == (False, "workers: none")
+    await client.close()
+
+
+async def test_ready_when_the_management_api_is_down() -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    client = InferenceClient(
+        "http://ts.test", management_url="http://m.test", transport=httpx.MockTransport(down)
+    )
+    ready, detail = await client.ready()
+    assert not ready and "not reachable (ConnectError)" in detail
+    await client.close()

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import uuid4
 
-from nicegui import ui
+import pytest
+from nicegui import Client, ui
+from nicegui.nicegui import _on_handshake
+from nicegui.testing.user import User
 
-from tests.ui.conftest import Simulated
-from tests.ui.fakes import digit_png
+from db.records import PredictionRow
+from db.stats import Stats
+from tests.ui.conftest import Simulated, assert_no_error_logs, simulate
+from tests.ui.fakes import FakeModel, FakeStore, digit_png
 from ui.canvas import DigitCanvas
+from ui.feed import Feed, feed_for
+from ui.history import PAGE_SIZE
 from ui.page import DB_DOWN, MODEL_DOWN
 from ui.views import png_data_url
 
@@ -169,3 +181,133 @@ async def test_unsure_answer_gets_a_hint(sim: Simulated) -> None:
     sim.user.find(marker="predict").click()
     await sim.user.should_see("55.0 % sure")
     await sim.user.should_see("Not sure: it could also be a 7 (40.0 %).")
+
+
+# ---------------------------------------------------------------- several tabs: history and statistics pushed
+
+
+@dataclass(eq=False)
+class CountingStore(FakeStore):
+    """The fake store, counting the reads that history and statistics cost."""
+
+    reads: Counter[str] = field(default_factory=Counter)
+
+    async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]:
+        self.reads["recent"] += 1
+        return await super().recent(limit, before_id)
+
+    async def stats(self) -> Stats:
+        self.reads["stats"] += 1
+        return await super().stats()
+
+
+@pytest.fixture
+async def counted(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> AsyncIterator[Simulated]:
+    """The app on a counting in-memory store."""
+    async with simulate(CountingStore(), FakeModel(), tmp_path) as simulated:
+        yield simulated
+    assert_no_error_logs(caplog)
+
+
+async def open_tab(sim: Simulated) -> User:
+    """One more browser tab on the same app."""
+    tab = User(sim.client)
+    await tab.open("/")
+    return tab
+
+
+def feed_of(sim: Simulated) -> Feed:
+    return feed_for(sim.service, limit=PAGE_SIZE)
+
+
+def sockets(client: Client) -> dict[str, str]:
+    """The client's live (simulated) sockets: socket id -> document id."""
+    return dict(client._socket_to_document_id)
+
+
+async def test_two_tabs_see_a_prediction_made_in_a_third(sim: Simulated) -> None:
+    await sim.user.open("/")
+    others = [await open_tab(sim) for _ in range(2)]
+    for other in others:
+        await other.should_see("No predictions yet.")
+    await draw(sim, digit_png("zero"))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see("saved as #1")
+    for other in others:
+        await other.should_see("predicted 0", retries=30)
+        await other.should_see(marker="stat-predictions", content="1")
+    sim.user.find(marker="label-8").click()
+    sim.user.find(marker="submit").click()
+    for other in others:
+        await other.should_see("true 8", retries=30)
+        await other.should_see(marker="stat-labelled", content="1")
+
+
+async def test_one_change_costs_two_queries_whatever_the_number_of_tabs(counted: Simulated) -> None:
+    tabs = [await open_tab(counted) for _ in range(6)]
+    for tab in tabs:
+        await tab.should_see("No predictions yet.")
+    assert counted.store.reads == {"recent": 1, "stats": 1}  # the first tab's load, shared by the others
+    counted.store.reads.clear()
+    await counted.service.predict(digit_png("zero"))  # from the API, say
+    for tab in tabs:
+        await tab.should_see("predicted 0", retries=30)
+        await tab.should_see(marker="stat-predictions", content="1")
+    await asyncio.sleep(2 * feed_of(counted).interval_s)  # nothing more comes
+    assert counted.store.reads == {"recent": 1, "stats": 1}
+
+
+async def test_closed_tabs_leave_the_feed(counted: Simulated) -> None:
+    tabs = [await open_tab(counted) for _ in range(6)]
+    feed = feed_of(counted)
+    await eventually(lambda: feed.subscribers == 6)
+    for tab in tabs[:3]:  # a closed tab: its socket goes, the client is deleted after the reconnect timeout
+        for socket_id in sockets(tab._client):
+            tab._client.handle_disconnect(socket_id)
+    assert feed.subscribers == 3
+    for tab in tabs[3:]:
+        tab._client.delete()
+    assert feed.subscribers == 0
+    counted.store.reads.clear()
+    await counted.service.predict(digit_png("zero"))
+    await asyncio.sleep(2 * feed.interval_s)
+    assert counted.store.reads == {}  # nobody looks: no query
+
+
+async def test_a_reconnected_tab_catches_up(counted: Simulated) -> None:
+    tab = await open_tab(counted)
+    await tab.should_see("No predictions yet.")
+    feed = feed_of(counted)
+    client = tab._client
+    (socket_id, document_id), *_ = sockets(client).items()
+    client.handle_disconnect(socket_id)
+    assert feed.subscribers == 0
+    await counted.service.predict(digit_png("zero"))  # while the tab is away
+    await _on_handshake(
+        f"test-{uuid4()}", {"client_id": client.id, "tab_id": tab.tab_id, "document_id": document_id}
+    )
+    await eventually(lambda: feed.subscribers == 1)
+    await tab.should_see("predicted 0", retries=30)
+
+
+async def test_a_page_build_does_no_database_work_before_the_browser_connects(counted: Simulated) -> None:
+    for _ in range(5):  # page loads whose browser never connects
+        response = await counted.client.get("/")
+        assert response.status_code == 200
+    await asyncio.sleep(0.1)
+    assert counted.store.reads == {}
+    assert feed_of(counted).subscribers == 0
+
+
+async def test_history_and_statistics_come_back_with_the_database(sim: Simulated) -> None:
+    await sim.service.predict(digit_png("zero"))
+    feed_of(sim).retry_s = 0.1
+    sim.store.down = True
+    await sim.user.open("/")
+    await sim.user.should_see("History is unavailable: the database is unreachable.")
+    await sim.user.should_see("Statistics are unavailable: the database is unreachable.")
+    await sim.user.should_not_see("No predictions yet.")
+    sim.store.down = False  # nothing changed meanwhile: the feed's retry brings the data
+    await sim.user.should_see("predicted 0", retries=30)
+    await sim.user.should_see(marker="stat-predictions", content="1")
+    await sim.user.should_not_see("History is unavailable: the database is unreachable.")

@@ -1,50 +1,96 @@
-"""The shared service: storing, keeping what the database could not take, and retrying."""
+"""The shared service: storing, keeping what the database could not take in the outbox, retrying, reading."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import zipfile
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from db.records import PoolHealth
+from db.stats import Stats
+from db.store import Store
 from tests.ui.fakes import FakeModel, FakeStore, digit_png
 from ui.inference import InferenceClient, InvalidInput
-from ui.service import PredictionService, check_label
+from ui.outbox import Outbox, QueueFull
+from ui.service import PredictionService, PredictionStore, check_label, new_prediction, stored_key
+
+
+def make_service(
+    store: FakeStore, folder: Path, model: FakeModel | None = None, **outbox: int
+) -> PredictionService:
+    inference = InferenceClient(
+        "http://ts.test", management_url="http://ts.test", transport=(model or FakeModel()).transport()
+    )
+    box = Outbox(folder / "outbox", outbox.get("max_bytes", 10_000_000))
+    service = PredictionService(store, inference, outbox=box, max_image_bytes=100_000, retry_interval_s=3600)
+    return service
 
 
 @pytest.fixture
-async def service() -> PredictionService:
-    inference = InferenceClient("http://ts.test", transport=FakeModel().transport())
-    return PredictionService(FakeStore(), inference, max_image_bytes=100_000)  # type: ignore[arg-type]
+async def service(tmp_path: Path) -> AsyncIterator[PredictionService]:
+    service = make_service(FakeStore(), tmp_path)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+def fake(service: PredictionService) -> FakeStore:
+    assert isinstance(service.store, FakeStore)
+    return service.store
 
 
 async def test_stored_at_once(service: PredictionService) -> None:
     outcome = await service.predict(digit_png("one"))
     assert outcome.stored and outcome.id == 1 and service.version == 1
     assert await service.label(outcome, 1) is True and outcome.label_stored
+    row = fake(service).rows[1][0]
+    assert row.key == outcome.key and row.created_at == outcome.created_at
 
 
 async def test_kept_while_database_down_then_flushed_with_label(service: PredictionService) -> None:
-    store: FakeStore = service.store  # type: ignore[assignment]
+    store = fake(service)
     store.down = True
     first = await service.predict(digit_png("one"))
     second = await service.predict(digit_png("zero"))
     assert not first.stored and service.waiting == 2
     assert await service.label(second, 6) is False
+    assert service.waiting == 3  # two predictions and the label, each on disk
     assert await service.flush() == 0  # still down: nothing lost, nothing stored
     store.down = False
     assert await service.flush() == 2
     assert (first.id, second.id) == (1, 2) and service.waiting == 0
     assert store.rows[2][1] == 6 and store.rows[1][1] is None and second.label_stored
+    # the rows keep the time the person predicted, not the time they were stored
+    assert [at for _, _, at in store.rows.values()] == [first.created_at, second.created_at]
 
 
 async def test_label_by_id_kept_while_down(service: PredictionService) -> None:
-    store: FakeStore = service.store  # type: ignore[assignment]
+    store = fake(service)
     outcome = await service.predict(digit_png("one"))
+    assert outcome.id is not None
     store.down = True
     assert await service.label_by_id(outcome.id, 3) is False
+    assert service.waiting == 1
     store.down = False
     await service.flush()
-    assert store.rows[outcome.id][1] == 3
+    assert store.rows[outcome.id][1] == 3 and service.waiting == 0
+
+
+async def test_a_newer_label_replaces_the_one_waiting(service: PredictionService) -> None:
+    store = fake(service)
+    outcome = await service.predict(digit_png("one"))
+    assert outcome.id is not None
+    store.down = True
+    assert await service.label(outcome, 3) is False
+    store.down = False
+    assert await service.label(outcome, 4) is True and service.waiting == 0
+    await service.flush()
+    assert store.rows[outcome.id][1] == 4
 
 
 async def test_too_large_is_refused_before_the_model(service: PredictionService) -> None:
@@ -60,22 +106,180 @@ def test_check_label() -> None:
             check_label(bad)
 
 
-async def test_what_waits_survives_a_restart_through_the_spill_file(tmp_path) -> None:
-    """Database down at shutdown: the app writes what waits to run_dir and stores it after the next start."""
+async def test_preview_stores_nothing(service: PredictionService) -> None:
+    prediction = await service.preview(digit_png("zero"))
+    assert prediction.digit == 0 and not fake(service).rows and service.version == 0
+
+
+async def test_what_waits_survives_a_restart_through_the_outbox(tmp_path: Path) -> None:
+    """Database down at shutdown: what waits stays in data_dir/outbox and is stored after the next start."""
     from tests.ui.conftest import simulate
 
     store, model = FakeStore(down=True), FakeModel()
     async with simulate(store, model, tmp_path) as first:
         outcome = await first.service.predict(digit_png("zero"))
         await first.service.label(outcome, 9)
-        assert first.service.waiting == 1
-    assert (tmp_path / "unsaved.jsonl").exists() and not store.rows
+        assert first.service.waiting == 2
+    journal = tmp_path / "data" / "outbox" / "outbox.jsonl"
+    assert journal.stat().st_size > 0 and not store.rows
     store.down = False
     async with simulate(store, model, tmp_path) as second:
-        for _ in range(100):  # startup runs as a task: reads the file, then the retry loop stores
-            if not (tmp_path / "unsaved.jsonl").exists() and not second.service.waiting:
+        for _ in range(100):  # the retry loop stores what the outbox gave back
+            if store.rows and not second.service.waiting:
                 break
             await asyncio.sleep(0.05)
     assert [(p.digit, label) for p, label, _ in store.rows.values()] == [(0, 9)]
     assert store.rows[1][0].image_png == digit_png("zero")
-    assert not (tmp_path / "unsaved.jsonl").exists()
+    assert store.rows[1][2] == outcome.created_at
+    assert journal.stat().st_size == 0  # compacted: nothing waits
+
+
+async def test_a_replay_after_a_crash_between_commit_and_tombstone_stores_once(tmp_path: Path) -> None:
+    store = FakeStore(down=True)
+    first = make_service(store, tmp_path)
+    await first.start()
+    outcome = await first.predict(digit_png("one"))
+    await first.label(outcome, 7)
+    # The crash: the row was committed, the process died before writing the tombstone.
+    store.down = False
+    await store.record_prediction(new_prediction(outcome, "mnist"))
+    first.outbox.close()
+
+    second = make_service(store, tmp_path)
+    await second.start()
+    assert second.waiting == 2
+    assert await second.flush() == 1
+    await second.stop()
+    assert len(store.rows) == 1 and store.rows[1][1] == 7
+
+
+async def test_outbox_full_raises_and_promises_nothing(tmp_path: Path) -> None:
+    service = make_service(FakeStore(down=True), tmp_path, max_bytes=20_000)  # a record is about 3 KB
+    await service.start()
+    accepted = 0
+    with pytest.raises(QueueFull, match="full"):
+        for _ in range(10):
+            await service.predict(digit_png("one"))
+            accepted += 1
+    assert 1 <= accepted < 10 and service.waiting == accepted
+    await service.stop()
+
+
+async def test_idempotency_key_stored_first(service: PredictionService) -> None:
+    first = await service.predict(digit_png("one"), idempotency_key="order-1")
+    again = await service.predict(digit_png("zero"), idempotency_key="order-1")  # a retry: the first answer
+    assert first.stored and (again.id, again.prediction.digit, again.stored) == (first.id, 1, True)
+    assert len(fake(service).rows) == 1 and fake(service).rows[1][0].key == stored_key("order-1")
+
+
+async def test_idempotency_key_queued_first(service: PredictionService) -> None:
+    store = fake(service)
+    store.down = True
+    first = await service.predict(digit_png("one"), idempotency_key="order-2")
+    again = await service.predict(digit_png("one"), idempotency_key="order-2")
+    assert (again.id, again.stored, again.prediction.digit) == (None, False, first.prediction.digit)
+    assert service.waiting == 1
+    store.down = False
+    await service.flush()
+    after = await service.predict(digit_png("one"), idempotency_key="order-2")
+    assert after.id == first.id == 1 and len(store.rows) == 1
+
+
+async def test_idempotency_key_after_a_restart_and_concurrently(tmp_path: Path) -> None:
+    store, model = FakeStore(), FakeModel()
+    first = make_service(store, tmp_path / "a", model)
+    await first.start()
+    answers = await asyncio.gather(*(first.predict(digit_png("zero"), idempotency_key="k") for _ in range(5)))
+    assert {a.id for a in answers} == {1} and len(store.rows) == 1 and model.calls == 1
+    await first.stop()
+    second = make_service(store, tmp_path / "b", model)  # nothing in memory: found by its key in the store
+    await second.start()
+    again = await second.predict(digit_png("zero"), idempotency_key="k")
+    assert (again.id, again.prediction.digit, again.stored) == (1, 0, True) and model.calls == 1
+    await second.stop()
+
+
+def test_client_keys_cannot_collide_with_outcome_keys() -> None:
+    key = stored_key("anything")
+    assert key.startswith("idem:") and len(key) == len("idem:") + 64 and stored_key("x" * 5000) != key
+
+
+def protocol_methods() -> set[str]:
+    return {name for name in vars(PredictionStore) if not name.startswith("_")}
+
+
+def test_the_fake_and_the_real_store_are_prediction_stores() -> None:
+    assert isinstance(FakeStore(), PredictionStore)
+    assert {"record_prediction", "find_by_key", "labelled", "pool_health"} <= protocol_methods()
+    missing = [name for name in protocol_methods() if not callable(getattr(Store, name, None))]
+    assert not missing, f"db.store.Store lacks {missing}"
+
+    class Incomplete(FakeStore):
+        find_by_key = None  # type: ignore[assignment]  # a store without one of the methods
+
+    assert not isinstance(Incomplete(), PredictionStore)
+
+
+async def test_reads_are_shared_and_follow_changes(
+    service: PredictionService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = fake(service)
+    calls = 0
+    real_stats = store.stats
+
+    async def counted() -> Stats:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return await real_stats()
+
+    monkeypatch.setattr(store, "stats", counted)  # count the queries
+    results = await asyncio.gather(*(service.stats() for _ in range(20)))
+    assert calls == 1 and all(r.total == 0 for r in results)
+    assert (await service.stats()).total == 0 and calls == 1  # cached
+    await service.predict(digit_png("one"))
+    assert (await service.stats()).total == 1 and calls == 2  # a change: one new query
+
+
+async def test_listeners_are_told_of_changes(service: PredictionService) -> None:
+    seen: list[int] = []
+    remove = service.add_listener(lambda: seen.append(service.version))
+
+    def broken() -> None:
+        raise RuntimeError("a closed tab")
+
+    service.add_listener(broken)  # a broken listener does not stop the others
+    outcome = await service.predict(digit_png("one"))
+    await service.label(outcome, 1)
+    assert seen == [1, 2]
+    remove()
+    await service.predict(digit_png("one"))
+    assert seen == [1, 2]
+
+
+async def test_readiness_names_the_part(service: PredictionService) -> None:
+    ready = await service.readiness()
+    assert ready.ready and ready.model.ready and ready.database.ready and ready.pool.ready
+    store = fake(service)
+    store.pool = PoolHealth(size=8, idle=0, waiting=12, exhausted_for_s=9.0)
+    ready = await service.readiness()
+    assert not ready.ready and not ready.pool.ready and ready.database.ready and "9.0 s" in ready.pool.detail
+    store.pool, store.down = PoolHealth(1, 1, 0, 0.0), True
+    ready = await service.readiness()
+    assert not ready.ready and not ready.database.ready and ready.pool.ready
+
+
+async def test_export_zip_holds_the_labelled_drawings(service: PredictionService) -> None:
+    a = await service.predict(digit_png("one"))
+    await service.predict(digit_png("zero"))
+    await service.label(a, 1)
+    names = zipfile.ZipFile(io.BytesIO(await service.export_zip())).namelist()
+    assert sum(name.endswith(".png") for name in names) == 1 and "labels.csv" in names
+
+
+async def test_waiting_outcomes_oldest_first(service: PredictionService) -> None:
+    fake(service).down = True
+    first = await service.predict(digit_png("one"))
+    second = await service.predict(digit_png("zero"))
+    assert service.waiting_outcomes() == [first, second]
+    assert first.created_at <= second.created_at <= datetime.now(UTC)
