@@ -34,11 +34,20 @@ class Settings(BaseSettings):
     model_workers: int = Field(default=2, ge=1)
     model_batch_size: int = Field(default=4, ge=1)
     model_batch_delay_ms: int = Field(default=0, ge=0)  # 0: batch only requests already queued
+    # TorchServe's keys (serving/keys.py): the key_file.json it writes at each start. Unset:
+    # run_dir/torchserve/key_file.json, where `python -m serving` and `make run` run it.
+    torchserve_key_file: Path | None = None
+    # Token authorization on TorchServe's inference and management APIs (one switch in TorchServe).
+    # Off only where its per-process keys cannot be shared (several replicas behind one Service).
+    torchserve_token_auth: bool = True
 
     # The web page and JSON API.
     ui_host: str = "127.0.0.1"
     ui_port: int = Field(default=8500, ge=1, le=65535)
     storage_secret: str | None = None  # NiceGUI's browser storage; generated per run when unset
+    # The operator's token (`Authorization: Bearer ...`): may label and delete any prediction.
+    # Unset: nobody is the operator (`make run` generates one, kept in DATA_DIR/admin_token).
+    admin_token: str | None = None
 
     # Where local state lives: embedded PostgreSQL data and the UI's outbox (`data_dir/outbox`:
     # predictions and labels accepted while the database was down); TorchServe logs and pid files.
@@ -49,6 +58,19 @@ class Settings(BaseSettings):
 
     # Input limits shared by the API and the page.
     max_upload_bytes: int = Field(default=2_000_000, gt=0)
+    # The web side's bounds (ui/guard.py, ui/ratelimit.py, ui/headers.py; docs/security.md).
+    max_label_bytes: int = Field(default=4_096, gt=0)  # a label body is a few bytes of JSON
+    body_timeout_s: float = Field(default=10.0, gt=0)  # the whole body within this, else 408
+    keep_alive_timeout_s: int = Field(default=5, ge=1)  # idle connections closed after it (s)
+    max_concurrency: int = Field(default=500, ge=1)  # connections + tasks at once; beyond: 503
+    # Per client address, `limits` notation ("60/minute", "10/second"); loopback gets its own.
+    rate_limit_predictions: str = "60/minute"
+    rate_limit_labels: str = "120/minute"
+    rate_limit_loopback: str = "100000/minute"
+    # Proxies whose X-Forwarded-For is believed: comma-separated addresses or CIDRs ("" = none).
+    trusted_proxies: str = ""
+    https: bool = False  # served over HTTPS (by the proxy in front): HSTS sent, cookies Secure
+    cookie_secure: bool = False  # cookies Secure even without HTTPS=true
 
 
 @lru_cache

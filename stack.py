@@ -15,7 +15,12 @@
      nor stopped here);
    - another host (Compose) or `--no-torchserve`: nothing started; the page shows a banner until
      the model answers.
-4. The UI (`ui.app.serve`) until Ctrl-C or SIGTERM; then what this run started, in reverse order.
+   TorchServe's keys (token authorization) come from its key file: the one of the TorchServe
+   started here, else `TORCHSERVE_KEY_FILE` (`serving.keys`); a model that refuses the key is not
+   READY for this run.
+4. The operator token: `ADMIN_TOKEN`, else the one in `data_dir/admin_token` (made there, mode
+   0600, on the first run; its path is printed, never its value).
+5. The UI (`ui.app.serve`) until Ctrl-C or SIGTERM; then what this run started, in reverse order.
 A part that cannot start ends the run with its message and status 1, after stopping what was
 already started.
 """
@@ -28,6 +33,7 @@ import enum
 import fcntl
 import ipaddress
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -38,6 +44,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
+from serving.keys import KeyFileAuth, key_file_of
 from serving.management import ManagementClient
 from serving.ports import local_url, port_free
 from settings import Settings, get_settings
@@ -87,8 +94,10 @@ def is_local(url: str) -> bool:
 
 
 def model_ready(settings: Settings) -> bool:
-    """The readiness rule (`serving.management.is_ready`) at `MANAGEMENT_URL`."""
-    with ManagementClient(local_url(settings.management_url), settings.model_name, timeout=2.0) as client:
+    """The readiness rule (`serving.management.is_ready`) at `MANAGEMENT_URL`, with the key of
+    `TORCHSERVE_KEY_FILE` (a TorchServe that refuses it is not one this run can use)."""
+    url, auth = local_url(settings.management_url), KeyFileAuth(key_file_of(settings), "management")
+    with ManagementClient(url, settings.model_name, timeout=2.0, auth=auth) as client:
         return client.ready()
 
 
@@ -143,8 +152,12 @@ def use_database(settings: Settings, cleanup: contextlib.ExitStack) -> str:
     return database.url
 
 
-def use_torchserve(settings: Settings, cleanup: contextlib.ExitStack, allowed: bool) -> None:
-    """Follow `plan_torchserve`, saying what is done; a started TorchServe is stopped at the end."""
+def use_torchserve(settings: Settings, cleanup: contextlib.ExitStack, allowed: bool) -> Settings:
+    """Follow `plan_torchserve`, saying what is done; a started TorchServe is stopped at the end.
+
+    Returns the settings for the UI: with the key file of the TorchServe in this run folder when
+    that is the one used (started here, a leftover, or supervised elsewhere).
+    """
     from serving.supervisor import Supervisor
     from serving.torchserve import ServeConfig, read_pid, stop
     from serving.watchdog import live_owner
@@ -160,21 +173,22 @@ def use_torchserve(settings: Settings, cleanup: contextlib.ExitStack, allowed: b
         allowed=allowed,
     )
     where = settings.inference_url
+    ours = settings.model_copy(update={"torchserve_key_file": config.key_file})  # its keys
     if plan is TorchServePlan.USE_SUPERVISED_ELSEWHERE:
         say(f"model: using the TorchServe at {where} (pid {leftover}), supervised by process {owner}, not by")
         say("       this run: it is neither restarted nor stopped here")
-        return
+        return ours
     if plan is TorchServePlan.KEEP_LEFTOVER:
         say(f"model: a TorchServe left by an earlier run is running (pid {leftover}, {config.run_dir});")
         say("       --no-torchserve: it is used as it is and not stopped here (`make stop` ends it)")
-        return
+        return ours
     if plan is TorchServePlan.USE_FOREIGN:
         say(f"model: a model is already READY at {settings.management_url}, served by a TorchServe")
         say(f"       this run did not start (not ours): using it at {where}; not restarted or stopped here")
-        return
+        return settings
     if plan is TorchServePlan.EXPECT:
         say(f"model: not started here; expecting it at {where}")
-        return
+        return settings
     if plan is TorchServePlan.RESTART_LEFTOVER:
         say(f"model: stopping the TorchServe an earlier run left behind (pid {leftover}, {config.run_dir})")
         stop(config)
@@ -184,6 +198,50 @@ def use_torchserve(settings: Settings, cleanup: contextlib.ExitStack, allowed: b
     cleanup.callback(_step("TorchServe", supervisor.stop))
     supervisor.run_in_background()
     say(f"model: TorchServe ready at {where} (restarted if it dies)")
+    return ours
+
+
+ADMIN_TOKEN_FILE = "admin_token"
+STORAGE_SECRET_FILE = "storage_secret"
+
+
+def use_admin_token(settings: Settings) -> Settings:
+    """`ADMIN_TOKEN`, or one made for this machine and kept in `data_dir/admin_token`, so the
+    operator's token survives a restart."""
+    return _use_secret(settings, "admin_token", ADMIN_TOKEN_FILE, "operator token", "Authorization: Bearer")
+
+
+def use_storage_secret(settings: Settings) -> Settings:
+    """`STORAGE_SECRET`, or one kept in `data_dir/storage_secret`: a secret made per run would make
+    every browser a stranger after a restart (its own drawings no longer editable from the page,
+    its remembered choices gone)."""
+    return _use_secret(settings, "storage_secret", STORAGE_SECRET_FILE, "browser-storage secret", None)
+
+
+def _use_secret(settings: Settings, field: str, file_name: str, what: str, use: str | None) -> Settings:
+    """The setting `field`, or a random secret kept in `data_dir/file_name` (mode 0600) and reused
+    by the next runs. The path is printed, never the secret (terminal output ends up in logs and
+    screenshots). Runs under the run lock: no other run writes the file meanwhile."""
+    if getattr(settings, field):
+        return settings
+    path = settings.data_dir / file_name
+    try:
+        secret = path.read_text().strip() if path.exists() else ""
+        if secret:
+            path.chmod(0o600)  # in case it was loosened by hand
+            say(f"{what}: in {path}")
+        else:
+            secret = secrets.token_urlsafe(32)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)  # an empty leftover
+            # 0600 from its creation: there is no moment where others may read it.
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                out.write(secret + "\n")
+            hint = f" (send it as {use} <token>)" if use else ""
+            say(f"{what}: made one in {path}{hint}")
+    except OSError as exc:
+        raise RuntimeError(f"{what}: cannot use {path}: {exc}") from exc
+    return settings.model_copy(update={field: secret})
 
 
 def serve_ui(settings: Settings, database_url: str, on_started: Callable[[], None]) -> None:
@@ -224,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"make run: {url} is in use; set UI_PORT", file=sys.stderr)
                 return EXIT_ALREADY_RUNNING
             database_url = use_database(settings, cleanup)
-            use_torchserve(settings, cleanup, allowed=not args.no_torchserve)
+            settings = use_torchserve(settings, cleanup, allowed=not args.no_torchserve)
+            settings = use_storage_secret(use_admin_token(settings))
             serve_ui(
                 settings,
                 database_url,

@@ -86,7 +86,7 @@ async def traffic(service: PredictionService, png: bytes, n: int) -> None:
         if rng.random() < 0.5:
             label = outcome.prediction.digit if rng.random() < 0.9 else rng.randrange(10)
             assert outcome.id is not None
-            await service.label_by_id(outcome.id, label)
+            await service.label_by_id(outcome.id, label, token=outcome.label_token)
 
 
 async def render_ms(client: httpx.AsyncClient, renders: int) -> tuple[float, float, int]:

@@ -43,6 +43,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serving.keys import headers as key_headers  # noqa: E402
 from serving.torchserve import ServeConfig, read_pid, start, stop  # noqa: E402
 from settings import Settings  # noqa: E402
 from tests.fixtures.torchserve import free_ports  # noqa: E402
@@ -58,6 +59,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+# TorchServe's inference and management keys (token authorization is on): set once it started.
+KEYS: dict[str, dict[str, str]] = {"inference": {}, "management": {}}
+
+
 class Client:
     """A keep-alive HTTP/1.1 client (http.client: the least client CPU per request)."""
 
@@ -67,7 +72,9 @@ class Client:
         self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
 
     def post(self, body: bytes) -> tuple[int, bytes]:
-        self.conn.request("POST", self.path, body=body, headers={"Content-Type": "image/png"})
+        self.conn.request(
+            "POST", self.path, body=body, headers={"Content-Type": "image/png", **KEYS["inference"]}
+        )
         response = self.conn.getresponse()
         return response.status, response.read()
 
@@ -183,6 +190,7 @@ def register_variant(config: ServeConfig, name: str, workers: int, batch: int, d
             "max_batch_delay": delay,
             "synchronous": "true",
         },
+        headers=KEYS["management"],
         timeout=300,
     )
     response.raise_for_status()
@@ -191,7 +199,7 @@ def register_variant(config: ServeConfig, name: str, workers: int, batch: int, d
 
 def accuracy(url: str, bodies: list[bytes], labels: np.ndarray) -> tuple[float, int]:
     """Share of right answers through the API (8 clients), and the number of non-200 answers."""
-    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
+    with httpx.Client(timeout=60, headers=KEYS["inference"]) as client, ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda b: client.post(url, content=b), bodies))
     failed = sum(r.status_code != 200 for r in responses)
     predicted = np.array([r.json()["digit"] if r.status_code == 200 else -1 for r in responses])
@@ -222,13 +230,13 @@ def report_matrix(config: ServeConfig, body: bytes, seconds: float) -> None:
         name = f"mnist_w{workers}_b{batch}_d{delay}"
         variant = register_variant(config, name, workers, batch, delay)
         scale: dict[str, str | int] = {"min_worker": 0, "max_worker": 0, "synchronous": "true"}
-        httpx.put(f"{management}/models/mnist", params=scale, timeout=120)
+        httpx.put(f"{management}/models/mnist", params=scale, headers=KEYS["management"], timeout=120)
         rates = [throughput(variant, body, c, seconds)[0] for c in (8, 32)]
         label = f"{workers} worker(s), batch {batch:2d}, {delay} ms"
         print(f"  {label:32s} {rates[0]:10.0f} {rates[1]:12.0f}")
-        httpx.delete(f"{management}/models/{name}", timeout=120)
+        httpx.delete(f"{management}/models/{name}", headers=KEYS["management"], timeout=120)
         scale = {"min_worker": 1, "max_worker": 1, "synchronous": "true"}
-        httpx.put(f"{management}/models/mnist", params=scale, timeout=120)
+        httpx.put(f"{management}/models/mnist", params=scale, headers=KEYS["management"], timeout=120)
 
 
 def report_accuracy(url: str, images: np.ndarray, labels: np.ndarray, official: int, renditions: int) -> None:
@@ -281,9 +289,10 @@ def main() -> None:
         t0 = time.perf_counter()
         start(config)
         print(f"TorchServe ready in {time.perf_counter() - t0:.1f} s")
+        KEYS.update({api: key_headers(config.key_file, api) for api in ("inference", "management")})
         try:
             url = f"{inference}/predictions/mnist"
-            described = httpx.get(f"{management}/models/mnist").json()[0]
+            described = httpx.get(f"{management}/models/mnist", headers=KEYS["management"]).json()[0]
             print(
                 f"registered by serving: {len(described['workers'])} worker(s), batch size "
                 f"{described['batchSize']}, max batch delay {described['maxBatchDelay']} ms"

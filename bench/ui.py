@@ -43,6 +43,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serving.keys import headers as key_headers  # noqa: E402
 from tests.ui.live import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -167,7 +168,9 @@ def click_to_result(url: str, clicks: int) -> tuple[list[float], list[float]]:
     return shown, saved
 
 
-def throughput(url: str, path: str, clients: int, seconds: float, pid: int) -> dict[str, Any]:
+def throughput(
+    url: str, path: str, clients: int, seconds: float, pid: int, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`clients` threads POSTing MNIST digits to `url + path` for `seconds`; CPU per request of `pid`.
 
     Each thread keeps one HTTP/1.1 connection (http.client: the least client CPU per request,
@@ -185,7 +188,7 @@ def throughput(url: str, path: str, clients: int, seconds: float, pid: int) -> d
                 png = images[(index * 37 + n) % len(images)]
                 n += 1
                 started = time.perf_counter()
-                conn.request("POST", path, body=png, headers={"Content-Type": "image/png"})
+                conn.request("POST", path, body=png, headers={"Content-Type": "image/png", **(headers or {})})
                 response = conn.getresponse()
                 response.read()
                 latencies.append(time.perf_counter() - started)
@@ -259,8 +262,10 @@ def main() -> None:
                 f"{figures['p50_ms']:.0f} ms, p95 {figures['p95_ms']:.0f} ms",
                 flush=True,
             )
-            throughput(inference_url, "/predictions/mnist", args.clients, args.warmup, pid)
-            direct = throughput(inference_url, "/predictions/mnist", args.clients, args.seconds, pid)
+            # TorchServe's inference key, from the run folder of the TorchServe the app started.
+            keys = key_headers(tmp / "run" / "torchserve" / "key_file.json", "inference")
+            throughput(inference_url, "/predictions/mnist", args.clients, args.warmup, pid, keys)
+            direct = throughput(inference_url, "/predictions/mnist", args.clients, args.seconds, pid, keys)
             print(
                 f"for comparison, TorchServe alone (POST /predictions/mnist, same clients): "
                 f"{direct['stored_per_s']:.0f} answers/s; latency p50 {direct['p50_ms']:.0f} ms, "

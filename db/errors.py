@@ -22,3 +22,7 @@ class InvalidLabel(StoreError, ValueError):
 
 class InvalidPrediction(StoreError, ValueError):
     """A prediction breaks a rule of the schema (digit range, probabilities, PNG, key, ...)."""
+
+
+class Forbidden(StoreError, PermissionError):
+    """The label token given does not match the prediction's (or the row has none): not its owner."""

@@ -8,7 +8,9 @@ The zip holds:
   with the true labels, in the gzip-compressed IDX format of the MNIST files, in the CSV's order
   (`training.idx.decode` reads them back).
 
-The rows come from `Store.labelled()`; building the zip is pure. `python -m db export out.zip`
+Drawings the person said are not a digit are left out of all three (they have no true label):
+they are never used as a digit for training. The rows come from `Store.labelled()`; building
+the zip is pure. `python -m db export out.zip`
 writes it from `DATABASE_URL` (or the embedded server).
 """
 

@@ -6,11 +6,13 @@ first gives a clear message before any round trip, and the database still refuse
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeGuard
+from typing import Literal, TypeGuard
 
 from db.errors import InvalidLabel, InvalidPrediction, PredictionNotFound
 
@@ -19,6 +21,12 @@ MAX_PNG_BYTES = 2_000_000  # also a CHECK constraint in the schema
 INPUT_PIXELS = 28 * 28
 MAX_TEXT = 200  # model name and version (CHECK constraints)
 MAX_KEY = 200  # a request key (CHECK constraint of migration 0004)
+TOKEN_HASH = re.compile(r"[0-9a-f]{64}")  # sha256 hex of a label token (CHECK constraint of migration 0005)
+
+# The history's filters (`Store.recent(only=...)`): wrong = labelled with another digit than
+# predicted; unlabelled = no choice yet; not_a_digit = the person said it is not a digit.
+Only = Literal["all", "wrong", "unlabelled", "not_a_digit"]
+ONLY: tuple[Only, ...] = ("all", "wrong", "unlabelled", "not_a_digit")
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class NewPrediction:
     `created_at`: when the person made the prediction (timezone-aware), kept as the row's time even
     when the row is written later (from the outbox); None = now. `key`: a unique request key (an
     outbox entry, an Idempotency-Key): a second prediction with the same key is not stored again.
+    `label_token_hash`: `token_hash` of the secret that lets its owner label or delete it (None:
+    only the operator can).
     """
 
     digit: int
@@ -40,6 +50,7 @@ class NewPrediction:
     input_pixels: bytes
     created_at: datetime | None = None
     key: str | None = None
+    label_token_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,11 +66,12 @@ class PredictionRow:
     model_version: str
     latency_ms: float
     true_label: int | None
-    labelled_at: datetime | None
+    labelled_at: datetime | None  # when the person chose (a digit or "not a digit")
+    not_a_digit: bool = False  # the person said the drawing is not a digit (then true_label is None)
 
     @property
     def correct(self) -> bool | None:
-        """Whether the prediction matches the true label; None while unlabelled."""
+        """Whether the prediction matches the true label; None while unlabelled or not a digit."""
         return None if self.true_label is None else self.true_label == self.digit
 
 
@@ -119,6 +131,8 @@ def validate_prediction(p: NewPrediction) -> None:
         fail(f"created_at must be a timezone-aware datetime, got {p.created_at!r}")
     if p.key is not None:
         validate_key(p.key)
+    if p.label_token_hash is not None:
+        validate_token_hash(p.label_token_hash)
 
 
 def validate_key(key: object) -> str:
@@ -133,6 +147,43 @@ def validate_label(label: object) -> int:
     if not _is_digit(label):
         raise InvalidLabel(f"a label is a digit 0-9, got {label!r}")
     return label
+
+
+def validate_choice(label: object, not_a_digit: object = False) -> int | None:
+    """A person's choice: a digit (returned) or "not a digit" (`label` None, `not_a_digit` True).
+
+    InvalidLabel for anything else: no choice at all, both at once, a label that is not 0-9.
+    """
+    if not isinstance(not_a_digit, bool):
+        raise InvalidLabel(f"not_a_digit is true or false, got {not_a_digit!r}")
+    if not_a_digit:
+        if label is not None:
+            raise InvalidLabel(f"with not_a_digit true the label is null (not a digit), got {label!r}")
+        return None
+    if label is None:
+        raise InvalidLabel("a label is a digit 0-9, or null with not_a_digit true")
+    return validate_label(label)
+
+
+def token_hash(token: str) -> str:
+    """What is stored of a label token: its sha256, hex. The token itself is a random secret of
+    192 bits, so a plain hash suffices (no salt, no slow hash: nothing to guess from it)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def validate_token_hash(value: object) -> str:
+    """A stored token hash (64 lowercase hex digits), or InvalidPrediction."""
+    if not isinstance(value, str) or not TOKEN_HASH.fullmatch(value):
+        raise InvalidPrediction(f"a label token hash is 64 hex digits, got {value!r:.80}")
+    return value
+
+
+def validate_only(only: object) -> Only:
+    """A history filter, or ValueError."""
+    for name in ONLY:
+        if only == name:
+            return name
+    raise ValueError(f"only must be one of {', '.join(ONLY)}; got {only!r}")
 
 
 def is_count(x: object, low: int, high: int | None = None) -> TypeGuard[int]:

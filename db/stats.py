@@ -1,7 +1,9 @@
 """Statistics of predictions: totals, accuracy on labelled rows, per digit, confusion matrix, per version.
 
 Pure functions over grouped counts (model_version, true_label or None, predicted digit, count), as
-`Store.stats` reads them from the database.
+`Store.stats` reads them from the database. A drawing the person said is not a digit comes with
+the label `NOT_A_DIGIT` (the code migration 0005's counters keep): it counts in `total` and in
+`not_a_digit`, never as labelled nor in any accuracy or confusion figure.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 DIGITS = range(10)
+NOT_A_DIGIT = -2  # the "true label" of a group of not-a-digit drawings
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,13 @@ class Stats:
     `by_version` is empty).
     """
 
-    total: int
-    labelled: int
+    total: int  # every stored prediction: labelled + not_a_digit + not labelled yet
+    labelled: int  # labelled with a digit
     correct: int
     accuracy: float | None
     per_digit: list[DigitStats]
     confusion: list[list[int]]
+    not_a_digit: int = 0  # drawings the person said are not a digit (apart: never in accuracy)
     by_version: dict[str, Stats] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +52,7 @@ class Stats:
 
 
 def compute_stats(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
-    """Stats from (model_version, true_label or None, predicted digit, count) groups."""
+    """Stats from (model_version, true_label or None or NOT_A_DIGIT, predicted digit, count) groups."""
     groups = list(groups)
     versions = sorted({version for version, *_ in groups})
     overall = _stats_of(groups)
@@ -59,11 +63,13 @@ def compute_stats(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
 def _stats_of(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
     confusion = [[0] * 10 for _ in DIGITS]
     predicted = [0] * 10
-    total = 0
+    total = not_a_digit = 0
     for _version, true_label, digit, count in groups:
         total += count
         predicted[digit] += count
-        if true_label is not None:
+        if true_label == NOT_A_DIGIT:
+            not_a_digit += count
+        elif true_label is not None:
             confusion[true_label][digit] += count
     labelled = sum(map(sum, confusion))
     correct = sum(confusion[d][d] for d in DIGITS)
@@ -84,4 +90,5 @@ def _stats_of(groups: Iterable[tuple[str, int | None, int, int]]) -> Stats:
         accuracy=correct / labelled if labelled else None,
         per_digit=per_digit,
         confusion=confusion,
+        not_a_digit=not_a_digit,
     )

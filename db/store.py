@@ -31,7 +31,14 @@ from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from db.detach import detach
-from db.errors import DatabaseUnavailable, InvalidLabel, InvalidPrediction, PredictionNotFound, StoreError
+from db.errors import (
+    DatabaseUnavailable,
+    Forbidden,
+    InvalidLabel,
+    InvalidPrediction,
+    PredictionNotFound,
+    StoreError,
+)
 from db.records import (
     INPUT_PIXELS,
     MAX_PNG_BYTES,
@@ -39,13 +46,17 @@ from db.records import (
     PNG_SIGNATURE,
     LabelledRow,
     NewPrediction,
+    Only,
     PoolHealth,
     PredictionRow,
     is_count,
+    validate_choice,
     validate_id,
     validate_key,
     validate_label,
+    validate_only,
     validate_prediction,
+    validate_token_hash,
 )
 from db.stats import DigitStats, Stats, compute_stats
 
@@ -56,6 +67,7 @@ __all__ = [  # the records, errors and statistics types are re-exported for olde
     "PNG_SIGNATURE",
     "DatabaseUnavailable",
     "DigitStats",
+    "Forbidden",
     "InvalidLabel",
     "InvalidPrediction",
     "LabelledRow",
@@ -81,6 +93,7 @@ POOL_TIMEOUT_S = 3.0  # how long a caller waits for a connection before Database
 CONNECT_TIMEOUT_S = 3
 RECONNECT_TIMEOUT_S = 5.0  # a background reconnect gives up after this; the next request retries
 KEY_RACE_RETRIES = 3  # see Store._insert
+APPLICATION_NAME = "digit-classifier"
 
 
 def _short(exc: BaseException) -> str:
@@ -133,6 +146,7 @@ def _params(p: NewPrediction) -> tuple[Any, ...]:
         p.model_version,
         float(p.latency_ms),
         p.key,
+        p.label_token_hash,
         bytes(p.image_png),
         bytes(p.input_pixels),
         p.key,
@@ -141,7 +155,7 @@ def _params(p: NewPrediction) -> tuple[Any, ...]:
 
 COLUMNS = (
     "id, created_at, digit, confidence, probabilities, model_name, model_version, latency_ms, "
-    "true_label, labelled_at"
+    "true_label, labelled_at, not_a_digit"
 )
 
 # One row: the new id, or, when a row with the same key exists, its id (nothing stored, so the
@@ -151,8 +165,9 @@ COLUMNS = (
 INSERT = """
 WITH p AS (
     INSERT INTO predictions
-        (created_at, digit, confidence, probabilities, model_name, model_version, latency_ms, key)
-    VALUES (coalesce(%s::timestamptz, now()), %s, %s, %s, %s, %s, %s, %s)
+        (created_at, digit, confidence, probabilities, model_name, model_version, latency_ms, key,
+         label_token_hash)
+    VALUES (coalesce(%s::timestamptz, now()), %s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (key) DO NOTHING
     RETURNING id
 ), i AS (
@@ -164,7 +179,7 @@ SELECT coalesce((SELECT prediction_id FROM i), (SELECT id FROM predictions WHERE
 """
 
 # (model_version, true_label or None, predicted digit, count): the same as grouping `predictions`,
-# read from the counters that migration 0003's triggers keep.
+# read from the counters that migration 0003's triggers keep (not a digit: -2, `db.stats.NOT_A_DIGIT`).
 STATS = """
 SELECT model_version, nullif(true_label, -1), digit, sum(n)::bigint
 FROM prediction_counts
@@ -172,6 +187,44 @@ GROUP BY model_version, true_label, digit
 HAVING sum(n) <> 0
 """
 
+# The person's choice, in one statement that checks the label token when one is given: one row,
+# (allowed, changed). allowed is NULL when there is no such row, false when the token does not
+# match (or the row has none); changed is false when the row went between (deleted meanwhile).
+# Comparing hashes with `=` leaks nothing useful: a caller cannot steer the hash of a guess.
+SET_LABEL = """
+WITH target AS (
+    SELECT id, (%(hash)s::text IS NULL OR coalesce(label_token_hash = %(hash)s, false)) AS allowed
+    FROM predictions WHERE id = %(id)s
+), changed AS (
+    UPDATE predictions
+    SET true_label = %(label)s, not_a_digit = %(not_a_digit)s, labelled_at = now()
+    WHERE id = (SELECT id FROM target WHERE allowed)
+    RETURNING id
+)
+SELECT (SELECT allowed FROM target), EXISTS (SELECT FROM changed)
+"""
+
+# The same for a deletion; the drawing goes with the row (ON DELETE CASCADE), the counters of
+# migration 0003 take its count back (trigger).
+DELETE = """
+WITH target AS (
+    SELECT id, (%(hash)s::text IS NULL OR coalesce(label_token_hash = %(hash)s, false)) AS allowed
+    FROM predictions WHERE id = %(id)s
+), gone AS (
+    DELETE FROM predictions WHERE id = (SELECT id FROM target WHERE allowed) RETURNING id
+)
+SELECT (SELECT allowed FROM target), EXISTS (SELECT FROM gone)
+"""
+
+# The history's filters (`recent(only=...)`); the partial indexes of migration 0005 serve the rare ones.
+FILTERS: dict[Only, str] = {
+    "all": "true",
+    "wrong": "true_label <> digit",
+    "unlabelled": "true_label IS NULL AND NOT not_a_digit",
+    "not_a_digit": "not_a_digit",
+}
+
+# Not-a-digit rows have no true label (a CHECK constraint), so they are never exported as a digit.
 LABELLED = """
 SELECT id, true_label, digit, confidence, model_name, model_version, created_at, labelled_at,
        image_png, input_pixels
@@ -202,13 +255,23 @@ class Store:
         self._background: set[asyncio.Future[Any]] = set()  # connections being taken or given back
 
     @classmethod
-    async def open(cls, url: str, *, max_size: int = 8, timeout: float = POOL_TIMEOUT_S) -> Store:
-        """A store with a pool of up to `max_size` connections; works even if the server is down now."""
+    async def open(
+        cls,
+        url: str,
+        *,
+        max_size: int = 8,
+        timeout: float = POOL_TIMEOUT_S,
+        application_name: str = APPLICATION_NAME,
+    ) -> Store:
+        """A store with a pool of up to `max_size` connections; works even if the server is down now.
+
+        `application_name` names its connections (`pg_stat_activity`, and the payload of migration
+        0006's notifications: a replica can tell its own writes by it)."""
         kwargs: dict[str, Any] = {
             # Each method is one atomic statement: autocommit saves the BEGIN/COMMIT round trips.
             "autocommit": True,
             "connect_timeout": CONNECT_TIMEOUT_S,
-            "application_name": "digit-classifier",
+            "application_name": application_name,
             "options": "-c TimeZone=UTC",
         }
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
@@ -418,17 +481,55 @@ class Store:
             except (psycopg.IntegrityError, psycopg.DataError) as exc:
                 raise InvalidPrediction(f"rejected by the database: {exc.diag.message_primary}") from exc
 
-    async def set_label(self, prediction_id: int, label: int) -> None:
-        """Set or replace the true label of a prediction."""
-        label = validate_label(label)
+    async def set_label(
+        self,
+        prediction_id: int,
+        label: int | None,
+        *,
+        not_a_digit: bool = False,
+        token_hash: str | None = None,
+    ) -> None:
+        """Set or replace the person's choice: a digit (`label`), or "not a digit" (`label` None,
+        `not_a_digit` True). With `token_hash`, only if it is the row's (checked in the same
+        statement): `Forbidden` otherwise; `PredictionNotFound`; `InvalidLabel`."""
+        label = validate_choice(label, not_a_digit)
+        params = self._guarded(prediction_id, token_hash)
+        params.update(label=label, not_a_digit=label is None)
+        await self._guarded_write(SET_LABEL, params)
+
+    async def delete(self, prediction_id: int, *, token_hash: str | None = None) -> None:
+        """Delete a prediction and its drawing; with `token_hash`, only if it is the row's
+        (`Forbidden` otherwise); `PredictionNotFound` (also when deleted already)."""
+        await self._guarded_write(DELETE, self._guarded(prediction_id, token_hash))
+
+    async def replace_label_token(self, prediction_id: int, token_hash: str) -> None:
+        """Give a row a new label token hash (the old token stops working); `PredictionNotFound`."""
         prediction_id = validate_id(prediction_id)
+        token_hash = validate_token_hash(token_hash)
         async with self._connection() as conn:
             cur = await conn.execute(
-                "UPDATE predictions SET true_label = %s, labelled_at = now() WHERE id = %s",
-                (label, prediction_id),
+                "UPDATE predictions SET label_token_hash = %s WHERE id = %s", (token_hash, prediction_id)
             )
             if cur.rowcount == 0:
                 raise PredictionNotFound(f"no prediction with id {prediction_id}")
+
+    @staticmethod
+    def _guarded(prediction_id: int, token_hash: str | None) -> dict[str, Any]:
+        prediction_id = validate_id(prediction_id)
+        if token_hash is not None and not isinstance(token_hash, str):
+            raise Forbidden("a label token hash is a text")
+        # Any text may come as a hash (it is compared, never stored): a malformed one matches nothing.
+        return {"id": prediction_id, "hash": token_hash}
+
+    async def _guarded_write(self, statement: str, params: dict[str, Any]) -> None:
+        async with self._connection() as conn:
+            cur = await conn.execute(statement, params)
+            row = await cur.fetchone()
+        allowed, changed = row if row is not None else (None, False)
+        if allowed is False:
+            raise Forbidden(f"the label token does not match prediction {params['id']}")
+        if not changed:
+            raise PredictionNotFound(f"no prediction with id {params['id']}")
 
     # -- reads -----------------------------------------------------------------------------------------
     async def get(self, prediction_id: int) -> PredictionRow:
@@ -449,8 +550,12 @@ class Store:
             row = await cur.fetchone()
         return None if row is None else PredictionRow(*row)
 
-    async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]:
-        """Newest first, at most `limit` (1-500); the next page is `recent(limit, before_id=last.id)`."""
+    async def recent(
+        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+    ) -> list[PredictionRow]:
+        """Newest first, at most `limit` (1-500), all or `only` the wrong (labelled with another digit),
+        unlabelled or not-a-digit ones; the next page is `recent(limit, before_id=last.id, only=...)`."""
+        where = FILTERS[validate_only(only)]
         if not is_count(limit, 1, MAX_PAGE):
             raise ValueError(f"limit must be 1-{MAX_PAGE}, got {limit!r}")
         if before_id is not None and not is_count(before_id, -(2**63)):
@@ -459,11 +564,11 @@ class Store:
         async with self._connection() as conn:
             if before_id is None:
                 cur = await conn.execute(
-                    f"SELECT {COLUMNS} FROM predictions ORDER BY id DESC LIMIT %s", (limit,)
+                    f"SELECT {COLUMNS} FROM predictions WHERE {where} ORDER BY id DESC LIMIT %s", (limit,)
                 )
             else:
                 cur = await conn.execute(
-                    f"SELECT {COLUMNS} FROM predictions WHERE id < %s ORDER BY id DESC LIMIT %s",
+                    f"SELECT {COLUMNS} FROM predictions WHERE id < %s AND {where} ORDER BY id DESC LIMIT %s",
                     (before_id, limit),
                 )
             rows = await cur.fetchall()

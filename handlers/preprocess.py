@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import json
+import re
 from http import HTTPStatus
 
 import numpy as np
@@ -38,6 +39,21 @@ STROKE_TARGET = (1.5, 2.3)
 MAX_SIDE = 1024  # larger pictures are reduced to this before looking for the ink
 DEFAULT_MAX_PIXELS = 16_000_000  # decoded size limit (4000x4000), against decompression bombs
 DEFAULT_MAX_BYTES = 2_000_000  # request body limit (the app's MAX_UPLOAD_BYTES)
+MAX_JSON_DEPTH = 32  # JSON nesting; deeper is refused before parsing (it would be a RecursionError)
+# The only formats Pillow is allowed to parse: each format plugin is code run on a stranger's bytes.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Formats recognised by their first bytes only to say which one was refused (never parsed).
+REFUSED_SIGNATURES = {
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"\x00\x00\x01\x00": "ICO",
+    b"<svg": "SVG",
+    b"<?xml": "SVG",
+    b"8BPS": "PSD",
+}
 NOT_JSON = 'invalid JSON: the body is not valid JSON; expected {"data": "<base64 image>"}'
 
 
@@ -64,6 +80,10 @@ class NotAnImageError(PreprocessError):
     """The bytes are not an image in a format we read."""
 
     status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+class UnsupportedFormatError(NotAnImageError):
+    """An image, but not in a format we accept (GIF, BMP, TIFF, SVG, ...)."""
 
 
 class ImageTooLargeError(PreprocessError):
@@ -94,6 +114,7 @@ def decode_payload(
             raise BadPayloadError("empty body: send a PNG, JPEG or WebP image")
         if "json" not in (content_type or "").lower() and body.lstrip()[:1] != b"{":
             return body
+        _check_depth(body)
         try:
             body = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -103,6 +124,7 @@ def decode_payload(
         text = body.strip()
         if not text.startswith("{"):
             return _decode_base64(text, max_bytes)
+        _check_depth(text.encode())
         try:
             body = json.loads(text)
         except ValueError as exc:
@@ -112,6 +134,33 @@ def decode_payload(
     if not isinstance(body, dict) or not isinstance(body.get("data"), str):
         raise BadPayloadError('invalid JSON: expected an object {"data": "<base64 image or data: URL>"}')
     return _decode_base64(body["data"], max_bytes)
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def json_too_deep(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """True when a JSON text nests arrays/objects deeper than `max_depth` (or has more unpaired brackets).
+
+    Checked before `json.loads`, which recurses once per level: 100,000 nested arrays are a
+    RecursionError (a 500), not a ValueError. Linear in C: strings removed, the brackets kept,
+    innermost pairs removed once per level.
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if len(shorter) == len(brackets):  # unpaired brackets left: not JSON (json.loads says so) ...
+            return len(brackets) > max_depth  # ... but more of them than levels would recurse first
+        brackets = shorter
+    return bool(brackets)
+
+
+def _check_depth(body: bytes) -> None:
+    if json_too_deep(body):
+        raise BadPayloadError(f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
 
 
 def _check_size(size: int, max_bytes: int) -> None:
@@ -136,12 +185,21 @@ def _decode_base64(text: str, max_bytes: int) -> bytes:
         raise BadPayloadError(f"invalid base64 image data ({exc})") from exc
 
 
+def refused_format(data: bytes) -> str | None:
+    """The name of a format we recognise but do not accept, from the first bytes (nothing parsed)."""
+    head = bytes(data[:16]).lstrip()
+    return next((name for sig, name in REFUSED_SIGNATURES.items() if head.startswith(sig)), None)
+
+
 def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode PNG/JPEG/WebP/... bytes, checking the pixel count before decoding the pixels."""
+    """Decode PNG/JPEG/WebP bytes (no other Pillow plugin sees them), checking the pixel count first."""
     if not data:
         raise NotAnImageError("empty body: send a PNG, JPEG or WebP image")
+    refused = refused_format(data)
+    if refused is not None:
+        raise UnsupportedFormatError(f"{refused} images are not accepted: send a PNG, JPEG or WebP image")
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image too large: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -161,6 +219,21 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise NotAnImageError(f"cannot decode the image: {exc}") from exc
     return img
+
+
+def as_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """An accepted image -> the PNG to store: a PNG that decodes whole is kept as sent, a JPEG or
+    WebP is re-encoded from its decoded pixels (at most MAX_SIDE on its longer side, like the model
+    sees it). What is stored is always a PNG that decodes."""
+    img = load_image(data, max_pixels)  # raises on anything else, truncated or too large
+    if bytes(data[:8]) == PNG_SIGNATURE:
+        return bytes(data)
+    img = shrink(img)
+    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")  # CMYK, YCbCr, ...
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
 
 
 def ink_map(img: Image.Image) -> np.ndarray:

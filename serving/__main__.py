@@ -5,7 +5,7 @@
 `run` is the foreground form (the container's command): it starts TorchServe with its console on
 stdout, restarts it whenever it dies (with backoff), and stops it on SIGTERM/Ctrl-C. `health`
 (the container's healthcheck) exits 0 when the model is ready (`serving.management.is_ready`),
-else 1.
+else 1; it sends the management key from `TORCHSERVE_KEY_FILE` or `RUN_DIR/torchserve/`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import sys
 from types import FrameType
 
+from serving.keys import KeyFileAuth, key_file_of
 from serving.management import ManagementClient
 from serving.ports import local_url
 from serving.supervisor import Supervisor
@@ -51,7 +52,8 @@ def run(config: ServeConfig, timeout: float) -> int:
 def health(settings: Settings) -> int:
     """0 when the model's default version has a READY worker, else 1 (one line on why)."""
     url = local_url(settings.management_url)
-    with ManagementClient(url, settings.model_name, timeout=HEALTH_TIMEOUT_S) as client:
+    auth = KeyFileAuth(key_file_of(settings), "management")
+    with ManagementClient(url, settings.model_name, timeout=HEALTH_TIMEOUT_S, auth=auth) as client:
         ready, detail = client.readiness()
     print(f"{'ready' if ready else 'not ready'}: {detail}")
     return 0 if ready else 1

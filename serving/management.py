@@ -7,9 +7,11 @@
 
 `AsyncManagementClient` has the same methods as coroutines (the UI's readiness check). Both take
 URLs and a model name, not a configuration object, so the UI, `make run`, `serving/` and the
-container healthcheck share them. Every failure raises `ManagementError` with TorchServe's own
-message (or why it could not be reached). Requests are described by pure functions (`_Call`) that
-both clients send, so the two cannot drift apart.
+container healthcheck share them. With TorchServe's token authorization on, pass
+`auth=serving.keys.KeyFileAuth(key_file, "management")`: every call then carries the management
+key from TorchServe's key file (re-read when TorchServe restarts). Every failure raises
+`ManagementError` with TorchServe's own message (or why it could not be reached). Requests are
+described by pure functions (`_Call`) that both clients send, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from typing import Any, Self
 
 import httpx
 
+from serving.keys import key_refused
+
 DEFAULT_TIMEOUT_S = 5.0
 # Synchronous registration, scaling and unregistration answer once the workers have started or
 # stopped: loading a model on a busy machine takes a while.
 WORKERS_TIMEOUT_S = 180.0
 
 Description = dict[str, Any]  # one version of the model as `GET /models/<name>` describes it
+KEY_HINT = "read from TorchServe's key_file.json, TORCHSERVE_KEY_FILE (serving/keys.py)"
 
 
 class ManagementError(RuntimeError):
@@ -157,9 +162,10 @@ def _unregister_call(model_name: str, version: str | None, timeout: float) -> _C
 def _json(call: _Call, response: httpx.Response) -> Any:
     """The JSON body of a successful answer; `ManagementError` with TorchServe's message otherwise."""
     if response.status_code != 200:
-        raise ManagementError(
-            call.what, f"HTTP {response.status_code} {error_message(response)}", response.status_code
-        )
+        detail = f"HTTP {response.status_code} {error_message(response)}"
+        if key_refused(response):
+            detail += f" (TorchServe refused the management key: {KEY_HINT})"
+        raise ManagementError(call.what, detail, response.status_code)
     try:
         return response.json()
     except ValueError:
@@ -226,9 +232,10 @@ class ManagementClient(_Base):
         model_name: str,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
+        auth: httpx.Auth | None = None,
     ) -> None:
         super().__init__(management_url, model_name, timeout)
-        self._client = httpx.Client(base_url=self.management_url, transport=transport)
+        self._client = httpx.Client(base_url=self.management_url, transport=transport, auth=auth)
 
     def close(self) -> None:
         self._client.close()
@@ -352,9 +359,10 @@ class AsyncManagementClient(_Base):
         model_name: str,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        auth: httpx.Auth | None = None,
     ) -> None:
         super().__init__(management_url, model_name, timeout)
-        self._client = httpx.AsyncClient(base_url=self.management_url, transport=transport)
+        self._client = httpx.AsyncClient(base_url=self.management_url, transport=transport, auth=auth)
 
     async def close(self) -> None:
         await self._client.aclose()

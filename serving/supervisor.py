@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from serving.torchserve import (
     START_TIMEOUT_S,
+    STOP_GRACE_S,
     ServeConfig,
     Server,
     refuse_if_running,
@@ -142,8 +143,11 @@ class Supervisor:
         self._thread.start()
         return self._thread
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop watching and stop TorchServe, even in the middle of a restart; then the watchdog."""
+    def stop(self, timeout: float = STOP_GRACE_S) -> None:
+        """Stop watching and stop TorchServe, even in the middle of a restart; then the watchdog.
+
+        `timeout` is `stop`'s grace before SIGKILL (`make run`'s Ctrl-C ends TorchServe in < 5 s).
+        """
         self._stopping.set()
         stop(self.config, timeout)  # also makes a start in progress fail at once
         if self._thread is not None:

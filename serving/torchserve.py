@@ -3,8 +3,9 @@
 TorchServe runs in its own session (process group) with everything under one run folder
 (`settings.run_dir / "torchserve"`): `torchserve.pid`, `logs/` (size-capped by
 `serving/log4j2.xml`), `tmp/` (its TEMP/TMPDIR, where it keeps its own pid file and unpacked
-archives) and `console.log`. `stop` ends the whole process group: the launcher, the Java frontend
-and the Python workers.
+archives) and `console.log`. With token authorization on, TorchServe writes its keys there too
+(`key_file.json`, read by `serving.keys`). `stop` ends the whole process group (the launcher,
+the Java frontend and the Python workers) within `STOP_GRACE_S` plus a SIGKILL.
 
 The model is registered through the management API once the frontend answers, not loaded from
 config.properties: TorchServe reads a `maxBatchDelay` of 0 in its config file (or in the
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from serving.keys import KEY_FILE_NAME, Api, KeyFileAuth
 from serving.management import (
     Description,
     ManagementClient,
@@ -54,6 +56,12 @@ CONFIG_FILE = ROOT / "config.properties"
 LOG_CONFIG = Path(__file__).resolve().with_name("log4j2.xml")
 LAUNCHER = "ts.model_server"  # TorchServe's own launcher module; it runs the Java frontend
 START_TIMEOUT_S = 180.0
+# How long `stop` lets TorchServe stop by itself before SIGKILL: the frontend needs about 2.3 s
+# (its Netty event loops' 2 s quiet period), then it has stopped its workers. TorchServe keeps no
+# state worth a longer wait (the model is registered again at every start).
+STOP_GRACE_S = 3.0
+FRONTEND = "org.pytorch.serve.ModelServer"
+WORKER = "model_service_worker"
 
 
 class ServeError(RuntimeError):
@@ -87,6 +95,7 @@ class ServeConfig:
     batch_size: int = _default("model_batch_size")  # at most this many queued requests go together
     max_batch_delay_ms: int = _default("model_batch_delay_ms")  # 0: take only what is already queued
     response_timeout_s: int = 30  # as config.properties' default_response_timeout
+    token_auth: bool = _default("torchserve_token_auth")  # keys on the inference and management APIs
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -109,6 +118,7 @@ class ServeConfig:
             workers=settings.model_workers,
             batch_size=settings.model_batch_size,
             max_batch_delay_ms=settings.model_batch_delay_ms,
+            token_auth=settings.torchserve_token_auth,
         )
 
     @property
@@ -133,12 +143,23 @@ class ServeConfig:
         return self.run_dir / "console.log"
 
     @property
+    def key_file(self) -> Path:
+        """TorchServe's keys (written in its working folder, the run folder, at every start)."""
+        return self.run_dir / KEY_FILE_NAME
+
+    def auth(self, api: Api) -> KeyFileAuth:
+        """httpx authentication with this TorchServe's `api` key (`serving.keys`)."""
+        return KeyFileAuth(self.key_file, api)
+
+    @property
     def mar_file(self) -> Path:
         return self.model_store / f"{self.model_name}.mar"
 
     def management(self, timeout: float = 5.0) -> ManagementClient:
         """A management client for this TorchServe (close it, or use it as a context manager)."""
-        return ManagementClient(local_url(self.management_url), self.model_name, timeout)
+        return ManagementClient(
+            local_url(self.management_url), self.model_name, timeout, auth=self.auth("management")
+        )
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """(host, port) of every API TorchServe binds: inference, management, metrics and gRPC."""
@@ -164,7 +185,7 @@ class Server:
     config: ServeConfig
     pid: int
 
-    def stop(self, timeout: float = 30.0) -> bool:
+    def stop(self, timeout: float = STOP_GRACE_S) -> bool:
         return stop(self.config, timeout)
 
     def alive(self) -> bool:
@@ -182,8 +203,12 @@ def java_home() -> str:
 
 
 def environment(config: ServeConfig) -> dict[str, str]:
-    """The environment TorchServe and its workers run with."""
-    env = dict(os.environ)
+    """The environment TorchServe and its workers run with.
+
+    No inherited `TS_*` variable: with enable_envvars_config TorchServe would take any of them over
+    config.properties (e.g. TS_DISABLE_TOKEN_AUTHORIZATION), so only the ones set here apply.
+    """
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TS_")}
     env.update(
         JAVA_HOME=java_home(),
         TEMP=str(config.tmp_dir),
@@ -196,6 +221,7 @@ def environment(config: ServeConfig) -> dict[str, str]:
         TS_METRICS_ADDRESS=config.metrics_url,
         TS_GRPC_INFERENCE_PORT=str(config.grpc_inference_port),
         TS_GRPC_MANAGEMENT_PORT=str(config.grpc_management_port),
+        TS_DISABLE_TOKEN_AUTHORIZATION=str(not config.token_auth).lower(),
         MAX_UPLOAD_BYTES=str(config.max_upload_bytes),
     )
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: 2 cores are shared
@@ -373,6 +399,7 @@ def launch(config: ServeConfig, console: bool = False) -> int:
     for folder in (config.run_dir, config.log_dir, config.tmp_dir):
         folder.mkdir(parents=True, exist_ok=True)
     (config.tmp_dir / ".model_server.pid").unlink(missing_ok=True)
+    config.key_file.unlink(missing_ok=True)  # a stale key would only be refused: wait for the new one
     with contextlib.ExitStack() as files:
         output = None if console else files.enter_context(config.console_log.open("ab"))
         process = subprocess.Popen(
@@ -413,22 +440,38 @@ def start(
     return Server(config, pid)
 
 
-def stop(config: ServeConfig | None = None, timeout: float = 30.0) -> bool:
-    """Stop our TorchServe (launcher, Java frontend, Python workers). False if none was running."""
+def stop(config: ServeConfig | None = None, timeout: float = STOP_GRACE_S) -> bool:
+    """Stop our TorchServe (launcher, Java frontend, Python workers). False if none was running.
+
+    SIGTERM goes to the Java frontend only: it stops its workers and the launcher exits with it
+    (about 2.3 s). SIGTERM to the whole group killed the workers under a live frontend, which
+    then tried to restart them while shutting down (4.3 s when idle). Without a frontend (it
+    died), the group gets the SIGTERM. Whatever still runs after `timeout` is SIGKILLed. An exited
+    process that its (living) parent has not reaped yet, a zombie, counts as gone: stopped from
+    any process but the launcher's parent, waiting for the zombie launcher to disappear took the
+    whole 30 s timeout, then SIGKILL and 5 s more (35.0 s measured). The key file goes too.
+    """
     config = config or ServeConfig.from_settings()
     pid = read_pid(config)
     if pid is None:
         return False
     procs = _group(pid)
-    _signal_group(pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    frontends = [p for p in procs if _is_frontend(p)]
+    if frontends:
+        for proc in frontends:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+    else:
+        _signal_group(pid, signal.SIGTERM)
+    alive = _wait_gone(procs, timeout)
     if alive:
         _signal_group(pid, signal.SIGKILL)
         for proc in alive:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        psutil.wait_procs(alive, timeout=5)
+        _wait_gone(alive, 5.0)
     config.pid_file.unlink(missing_ok=True)
+    config.key_file.unlink(missing_ok=True)
     return True
 
 
@@ -486,11 +529,39 @@ def _group(pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
     ours = any(
-        mark in " ".join(p.info["cmdline"] or [])
-        for p in members
-        for mark in (LAUNCHER, "org.pytorch.serve.ModelServer", "model_service_worker")
+        mark in " ".join(p.info["cmdline"] or []) for p in members for mark in (LAUNCHER, FRONTEND, WORKER)
     )
     return members if ours else []
+
+
+def _is_frontend(proc: psutil.Process) -> bool:
+    try:
+        return FRONTEND in proc.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count as exited); those still running."""
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while True:
+        alive = [proc for proc in alive if _running(proc)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Whether `proc` still runs; a zombie does not (and is reaped when it is our own child)."""
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return proc.is_running()
+    except psutil.Error:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(proc.pid, os.WNOHANG)  # e.g. the launcher that `start` in this process left
+    return False
 
 
 def process_alive(pid: int) -> bool:

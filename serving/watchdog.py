@@ -25,7 +25,6 @@ from types import FrameType
 from serving.torchserve import ROOT, ServeConfig, process_alive, stop
 
 POLL_S = 0.5
-STOP_TIMEOUT_S = 10.0  # an orphan's graceful stop is not worth waiting for long: SIGKILL after this
 
 
 def claim(config: ServeConfig, pid: int | None = None) -> None:
@@ -90,7 +89,7 @@ def watch(owner_pid: int, run_dir: Path, poll_s: float = POLL_S) -> bool:
         time.sleep(poll_s)
     if recorded_owner(config) != owner_pid:
         return False  # released cleanly, or another run owns it now
-    stopped = stop(config, timeout=STOP_TIMEOUT_S)
+    stopped = stop(config)  # SIGKILL after STOP_GRACE_S, as for every stop
     release(config, owner_pid)
     return stopped
 

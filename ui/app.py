@@ -7,6 +7,7 @@ stack that starts them is `stack.py` (`make run`).
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,15 +17,21 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from nicegui import app, ui
+from nicegui.storage import Storage
 
+from db.notify import ChangeListener, replica_name
 from db.store import Store
 from settings import Settings
 
 from . import api, ops
+from .docs import add_docs
 from .frame import APP_TITLE
+from .guard import BodyGuard
+from .headers import HeaderPolicy, SecurityHeaders
 from .inference import InferenceClient
 from .outbox import Outbox
 from .page import DigitPage
+from .ratelimit import Limits, RateLimit
 from .service import PredictionService, PredictionStore
 
 TITLE = APP_TITLE
@@ -49,30 +56,46 @@ def create_app(
 
     A `store` or `inference` passed in is used as it is and left open; when omitted, it is made
     from the settings at startup (`database_url` overrides `settings.database_url`) and closed at
-    shutdown. The outbox lives in `settings.data_dir / "outbox"`. The JSON API and operations
-    routes go on `api_app` when given (the server: see `serve`), and the service starts in its
-    lifespan, before the first request; else they go on NiceGUI's own app. Returns the service.
+    shutdown; with it, a `db.notify.ChangeListener` on that database tells the service of rows
+    other replicas wrote (`notify_external_change`), started and stopped with it. The outbox
+    lives in `settings.data_dir / "outbox"`. The JSON API and operations routes go on `api_app`
+    when given (the server: see `serve`), and the service starts in its lifespan, before the
+    first request; else they go on NiceGUI's own app. Returns the service.
     """
     url = database_url or settings.database_url
     if store is None and url is None:
         raise RuntimeError("no database: set DATABASE_URL")
     inference_owned = inference is None
     if inference is None:
-        inference = InferenceClient(
-            settings.inference_url, settings.model_name, settings.management_url, settings.inference_timeout_s
-        )
+        inference = InferenceClient.from_settings(settings)  # with TorchServe's key file
     outbox = Outbox(settings.data_dir / "outbox", settings.outbox_max_bytes)
-    service = PredictionService(store, inference, outbox=outbox, max_image_bytes=settings.max_upload_bytes)
+    service = PredictionService(
+        store,
+        inference,
+        outbox=outbox,
+        max_image_bytes=settings.max_upload_bytes,
+        admin_token=settings.admin_token,
+    )
+    # The application_name this replica's notifications carry: its own writes are not news to it
+    # (the service already told its listeners).
+    own_name = replica_name()
     opened: list[Store] = []
+    listeners: list[ChangeListener] = []
 
     async def startup() -> None:
         if service.store is None:
             assert url is not None  # checked above
-            opened.append(await Store.open(url, max_size=settings.db_pool_max))
+            opened.append(await Store.open(url, max_size=settings.db_pool_max, application_name=own_name))
             service.store = opened[0]
+            # Rows written by other replicas: the feed and the read cache learn of them at once.
+            listeners.append(ChangeListener(url, service.notify_external_change, ignore_payload=own_name))
         await service.start()
+        for listener in listeners:
+            await listener.start()
 
     async def shutdown() -> None:
+        for listener in listeners:
+            await listener.stop()
         await service.stop()
         for s in opened:
             await s.close()
@@ -86,14 +109,37 @@ def create_app(
         app.on_startup(startup)
         app.on_shutdown(shutdown)
         routes = app
+    add_docs(routes, TITLE)
     routes.include_router(api.build_router(service, settings.max_upload_bytes))
     routes.include_router(ops.build_router(service))
+    api.add_error_handlers(routes)
+    add_guards(routes, settings)
 
     @ui.page("/", title=TITLE)
     async def index() -> None:
         await DigitPage(service).build()
 
     return service
+
+
+def add_guards(target: FastAPI, settings: Settings) -> None:
+    """The middlewares every request passes, outermost first: security headers (also on the
+    refusals below), rate limits (before any body is read), bounded bodies."""
+    target.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_upload_bytes,
+        label_max_bytes=settings.max_label_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
+    limits = Limits.from_strings(
+        predictions=settings.rate_limit_predictions,
+        labels=settings.rate_limit_labels,
+        loopback=settings.rate_limit_loopback,
+        trusted_proxies=settings.trusted_proxies,
+    )
+    target.add_middleware(RateLimit, limits=limits)
+    policy = HeaderPolicy(https=settings.https, secure_cookies=settings.https or settings.cookie_secure)
+    target.add_middleware(SecurityHeaders, policy=policy)
 
 
 def _run_in_lifespan(
@@ -120,7 +166,7 @@ def api_application() -> FastAPI:
     Requests to /api, /healthz, /readyz and /metrics skip NiceGUI's middlewares (about half the
     overhead of a request here); the page and its websocket go to NiceGUI.
     """
-    return FastAPI(title=TITLE, summary=SUMMARY, version="1.0")
+    return FastAPI(title=TITLE, summary=SUMMARY, version="1.0", docs_url=None, redoc_url=None)  # ui/docs.py
 
 
 class _Server(uvicorn.Server):
@@ -155,14 +201,31 @@ def serve(
         raise RuntimeError("DATABASE_URL is not set: the app serves an existing, migrated database")
     api_app = api_application()
     create_app(settings, database_url=url, api_app=api_app)
+    # Browser sessions (a person's own drawings, their choices) under the data folder, not in
+    # whatever folder the server was started from; NICEGUI_STORAGE_PATH still wins when set.
+    if "NICEGUI_STORAGE_PATH" not in os.environ:
+        Storage.path = (settings.data_dir / "nicegui").resolve()
     ui.run_with(
         api_app,
         title=TITLE,
         storage_secret=settings.storage_secret or secrets.token_urlsafe(32),
+        session_middleware_kwargs={
+            "https_only": settings.https or settings.cookie_secure,
+            "same_site": "lax",
+        },
         show_welcome_message=False,
     )
     config = uvicorn.Config(
-        api_app, host=settings.ui_host, port=settings.ui_port, log_level="warning", ws="wsproto"
+        api_app,
+        host=settings.ui_host,
+        port=settings.ui_port,
+        log_level="warning",
+        ws="wsproto",
+        # Bounds (docs/security.md): idle keep-alive connections closed, at most this many
+        # connections and tasks at once (then 503), request heads of at most 64 KB (h11).
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_concurrency,
+        h11_max_incomplete_event_size=64 * 1024,
     )
     server = _Server(config, on_started)
     try:

@@ -1,6 +1,8 @@
 // A drawing surface for one digit: round thick white strokes on black, like MNIST.
 // Pointer events cover mouse, pen and touch; `touch-action: none` keeps the page from scrolling.
 // After every finished stroke, undo or clear it emits `change` with the PNG data URL (null when empty).
+// The strokes are kept in the tab's sessionStorage: a reload (NiceGUI reloads the page when it
+// reconnects to a restarted server) draws them again and sends them, so a drawing in progress stays.
 export default {
   template: `
     <canvas ref="canvas" :width="size" :height="size" data-testid="digit-canvas"
@@ -9,13 +11,16 @@ export default {
   props: {
     size: { type: Number, default: 280 },
     lineWidth: { type: Number, default: 20 },
+    storageKey: { type: String, default: "digit-canvas" },
   },
   mounted() {
-    this.strokes = [];
+    this.strokes = this.restore();
     this.current = null;
     const canvas = this.$refs.canvas;
     this.ctx = canvas.getContext("2d");
     this.redraw();
+    canvas.dataset.strokes = this.strokes.length;
+    if (this.strokes.length) this.whenConnected(this.emitChange); // a drawing kept from before the reload
     canvas.addEventListener("pointerdown", this.onDown);
     canvas.addEventListener("pointermove", this.onMove);
     canvas.addEventListener("pointerup", this.onUp);
@@ -91,7 +96,32 @@ export default {
       }
     },
     emitChange() {
+      this.keep();
       this.$emit("change", { png: this.exportPng(), strokes: this.strokes.length });
+    },
+    whenConnected(fn, tries = 300) {
+      // Events sent before NiceGUI's handshake would be lost: wait for it (at most a minute).
+      if (window.did_handshake) fn();
+      else if (tries > 0) setTimeout(() => this.whenConnected(fn, tries - 1), 200);
+    },
+    keep() {
+      this.$refs.canvas.dataset.strokes = this.strokes.length; // for the browser tests
+      try {
+        if (this.strokes.length) sessionStorage.setItem(this.storageKey, JSON.stringify(this.strokes));
+        else sessionStorage.removeItem(this.storageKey);
+      } catch (e) {
+        // storage full or disabled: the drawing is only lost on a reload
+      }
+    },
+    restore() {
+      try {
+        const kept = JSON.parse(sessionStorage.getItem(this.storageKey) || "[]");
+        const isPoint = (p) => Array.isArray(p) && p.length === 2 && p.every(Number.isFinite);
+        if (Array.isArray(kept) && kept.every((s) => Array.isArray(s) && s.length && s.every(isPoint))) return kept;
+      } catch (e) {
+        // unreadable: start empty
+      }
+      return [];
     },
     exportPng() {
       return this.strokes.length ? this.$refs.canvas.toDataURL("image/png") : null;

@@ -4,6 +4,11 @@ Readiness is `serving.management`'s rule (the default version has a READY worker
 its `AsyncManagementClient`. While the model is not registered (TorchServe just (re)started),
 TorchServe answers predictions with 404 "Model not found": that is "model loading"
 (`InferenceUnavailable`, a 503 for API clients), never a 404 of ours.
+
+With TorchServe's token authorization on, both APIs need a key: `key_file` is TorchServe's
+key_file.json (`serving.keys.key_file_of(settings)`); the inference key goes with every
+prediction, the management key with every readiness check, each re-read when TorchServe restarts.
+A refused key is the app's configuration, never the person's input: `InferenceUnavailable`.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from serving.management import AsyncManagementClient, error_message
+from serving.keys import KeyFileAuth, key_file_of, key_refused
+from serving.management import KEY_HINT, AsyncManagementClient, error_message
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,20 +95,40 @@ class InferenceClient:
         management_url: str | None = None,
         timeout_s: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        key_file: Path | None = None,
     ) -> None:
         self.inference_url = inference_url.rstrip("/")
         self.model_name = model_name
         self.management_url = management_url.rstrip("/") if management_url else None
+        self.key_file = key_file  # TorchServe's keys (None: send none)
         self._client = httpx.AsyncClient(
             base_url=self.inference_url,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 2.0)),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             transport=transport,
+            auth=KeyFileAuth(key_file, "inference"),
         )
         self._management = (
-            AsyncManagementClient(self.management_url, model_name, timeout=2.0, transport=transport)
+            AsyncManagementClient(
+                self.management_url,
+                model_name,
+                timeout=2.0,
+                transport=transport,
+                auth=KeyFileAuth(key_file, "management"),
+            )
             if self.management_url is not None
             else None
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InferenceClient:
+        """The app's client: TorchServe's URLs, timeout and key file from `settings`."""
+        return cls(
+            settings.inference_url,
+            settings.model_name,
+            settings.management_url,
+            settings.inference_timeout_s,
+            key_file=key_file_of(settings),
         )
 
     async def close(self) -> None:
@@ -136,6 +163,8 @@ class InferenceClient:
             if model_not_loaded(response):  # TorchServe (re)starting: the model comes in a few seconds
                 last = InferenceUnavailable(f"model loading: {error_message(response)}")
                 continue
+            if key_refused(response):  # already re-read once by KeyFileAuth: the app's configuration
+                raise InferenceUnavailable(f"the model server refused the inference key ({KEY_HINT})")
             if 400 <= response.status_code < 500:
                 raise InvalidInput(error_message(response), response.status_code)
             if response.status_code >= 500:
@@ -154,6 +183,8 @@ class InferenceClient:
             response = await self._client.get("/ping", timeout=2.0)
         except httpx.HTTPError as exc:
             return False, f"unreachable ({type(exc).__name__})"
+        if key_refused(response):
+            return False, f"the model server refused the inference key ({KEY_HINT})"
         if response.status_code != 200:
             return False, f"HTTP {response.status_code}: {error_message(response)}"
         return True, "healthy"

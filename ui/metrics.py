@@ -18,7 +18,8 @@ from .outcome import Outcome
 
 ErrorKind = Literal[
     "invalid_input",  # 4xx: the image or the request was refused
-    "not_found",  # 404: a label for an unknown prediction
+    "not_found",  # 404: a label or a deletion for an unknown prediction
+    "forbidden",  # 401/403: a label or a deletion without the row's label token, or a wrong operator token
     "inference_unavailable",  # 503: the model server did not answer
     "outbox_full",  # 503: the database is down and the outbox full
     "invalid_prediction",  # 502: the database refused the model's answer
@@ -27,6 +28,7 @@ ErrorKind = Literal[
 ERROR_KINDS: tuple[ErrorKind, ...] = (
     "invalid_input",
     "not_found",
+    "forbidden",
     "inference_unavailable",
     "outbox_full",
     "invalid_prediction",
@@ -36,6 +38,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
 SERVER_ERROR_KINDS: tuple[ErrorKind, ...] = ("inference_unavailable", "outbox_full", "invalid_prediction")
 DEPENDENCIES = ("model_server", "database", "db_pool")
 UNKNOWN = "unknown"  # model_version and correct of a label for a prediction this process does not know
+NOT_A_DIGIT = "not_a_digit"  # correct of a "not a digit" label: neither right nor wrong, not in accuracy
 # 5 ms to 5 s: a warm answer is tens of ms, a cold worker or a slow disk seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 REMEMBERED_PREDICTIONS = 10_000  # (digit, version) of recent stored predictions, for labels by id
@@ -49,7 +52,8 @@ PREDICTIONS = Counter(
 FEEDBACK = Counter(
     "digit_ui_feedback_total",
     "True labels given, by the labelled prediction's model version and whether the model was right "
-    "(unknown: a label by id for a prediction this process did not store recently)",
+    "(unknown: a label by id for a prediction this process did not store recently; not_a_digit: "
+    "the person said the drawing is not a digit)",
     ["model_version", "correct"],
 )
 ERRORS = Counter("digit_ui_errors_total", "Failures, by kind", ["kind"])
@@ -57,6 +61,9 @@ LATENCY = Histogram(
     "digit_ui_prediction_latency_seconds",
     "Time from the request to the stored (or durably queued) answer: model server round trip plus storing",
     buckets=LATENCY_BUCKETS,
+)
+DELETED = Counter(
+    "digit_ui_deleted_total", "Predictions deleted (with their drawing) by their owner or the operator"
 )
 PENDING_SAVED = Counter(
     "digit_ui_pending_saved_total", "Predictions or labels stored late, after the database came back"
@@ -74,6 +81,15 @@ MODEL_VERSION = Gauge(
     ["model_version"],
 )
 
+RATE_LIMITED = Counter(
+    "digit_ui_rate_limited_total",
+    "Requests refused with 429 because their client address was over its rate limit, by route",
+    ["route"],
+)
+RATE_LIMITED_ROUTES = ("predictions", "labels")  # ui/ratelimit.py's LIMITED_ROUTES
+
+for _route in RATE_LIMITED_ROUTES:  # at 0 from the start, like the errors below
+    RATE_LIMITED.labels(_route)
 for _kind in ERROR_KINDS:  # present at 0 from the start: rates and ratios exist before the first error
     ERRORS.labels(_kind)
 
@@ -106,7 +122,10 @@ def answer_seconds(outcome: Outcome, now: float) -> float:
     return outcome.latency_ms / 1000 + max(0.0, now - outcome.created_at.timestamp())
 
 
-def correctness(digit: int, label: int) -> str:
+def correctness(digit: int, label: int | None) -> str:
+    """The `correct` value of a label: "true", "false", or "not_a_digit" (label None)."""
+    if label is None:
+        return NOT_A_DIGIT
     return "true" if digit == label else "false"
 
 
@@ -144,19 +163,26 @@ def saved(outcome: Outcome) -> None:
         _recent.add(outcome.id, outcome.prediction.digit, version)
 
 
-def labelled(outcome: Outcome, label: int) -> None:
-    """A true label for an outcome the service holds."""
+def labelled(outcome: Outcome, label: int | None) -> None:
+    """A true label (None: "not a digit") for an outcome the service holds."""
     FEEDBACK.labels(outcome.prediction.model_version, correctness(outcome.prediction.digit, label)).inc()
 
 
-def labelled_by_id(prediction_id: int, label: int) -> None:
-    """A true label by prediction id (the API): judged when this process stored it recently."""
+def labelled_by_id(prediction_id: int, label: int | None) -> None:
+    """A true label (None: "not a digit") by prediction id: judged when this process stored it recently."""
     known = _recent.get(prediction_id)
-    if known is None:
+    if label is None:
+        FEEDBACK.labels(known[1] if known else UNKNOWN, NOT_A_DIGIT).inc()
+    elif known is None:
         FEEDBACK.labels(UNKNOWN, UNKNOWN).inc()
     else:
         digit, version = known
         FEEDBACK.labels(version, correctness(digit, label)).inc()
+
+
+def deleted() -> None:
+    """A prediction and its drawing were deleted."""
+    DELETED.inc()
 
 
 def stored_late(count: int) -> None:
@@ -175,3 +201,8 @@ def checked(*, model: bool, database: bool, pool: bool) -> None:
     _up("model_server", model)
     _up("database", database)
     _up("db_pool", pool)
+
+
+def rate_limited(route: str) -> None:
+    """A request refused with 429 (ui/ratelimit.py)."""
+    RATE_LIMITED.labels(route).inc()

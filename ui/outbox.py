@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from db.records import validate_label
+from db.records import validate_choice, validate_token_hash
 
 from .outcome import Outcome, outcome_from_json, outcome_to_json
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "outbox.jsonl"
 COMPACT_MIN_DEAD_BYTES = 1_000_000  # below this, rewriting the file costs more than it frees
+
+
+Choice = int | None  # a waiting label: a digit 0-9, or None for "not a digit"
 
 
 class QueueFull(Exception):
@@ -230,15 +233,18 @@ class Outbox:
     """The predictions and labels waiting for the database: in memory, and durably in a `Journal`.
 
     A label is waiting either by prediction id (the prediction is stored) or by the prediction's
-    key (it was not stored when the label came). Use from the event loop only: the journal's
-    blocking I/O runs in a worker thread, the in-memory state changes on the loop.
+    key (it was not stored when the label came). A label is a `Choice`: a digit, or None for "not
+    a digit". A label by id keeps the hash of the label token it came with (None: the operator's),
+    checked when it is stored. Use from the event loop only: the journal's blocking I/O runs in a
+    worker thread, the in-memory state changes on the loop.
     """
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.journal = Journal(folder / FILE_NAME, max_bytes)
         self._outcomes: OrderedDict[str, tuple[Outcome, int]] = OrderedDict()  # key -> (outcome, rid)
-        self._key_labels: dict[str, tuple[int, int]] = {}  # prediction key -> (label, rid)
-        self._id_labels: dict[int, tuple[int, int]] = {}  # prediction id -> (label, rid)
+        self._key_labels: dict[str, tuple[Choice, int]] = {}  # prediction key -> (label, rid)
+        self._id_labels: dict[int, tuple[Choice, int]] = {}  # prediction id -> (label, rid)
+        self._id_tokens: dict[int, str | None] = {}  # prediction id -> token hash of its waiting label
 
     async def open(self) -> int:
         """Open the journal and load what waits; returns how many predictions and labels."""
@@ -251,7 +257,8 @@ class Outbox:
                 stale.append(rid)
         for key, (label, _) in self._key_labels.items():
             if key in self._outcomes:
-                self._outcomes[key][0].label = label
+                outcome = self._outcomes[key][0]
+                outcome.label, outcome.not_a_digit = label, label is None
         if stale:
             await asyncio.to_thread(self.journal.remove, stale)
         return len(self)
@@ -272,6 +279,8 @@ class Outbox:
             if not isinstance(prediction_id, int):
                 raise TypeError(f"prediction id {prediction_id!r}")
             old_id = self._id_labels.get(prediction_id)
+            needed = item.get("token_hash")  # absent in records written before label tokens
+            self._id_tokens[prediction_id] = None if needed is None else validate_token_hash(needed)
             self._id_labels[prediction_id] = (_label(item), rid)
             return [old_id[1]] if old_id else []
         raise ValueError(f"unknown record {op!r}")
@@ -291,24 +300,32 @@ class Outbox:
         """Keep a prediction until it is stored (durable when this returns); `QueueFull`."""
         rid = await asyncio.to_thread(self.journal.append, {"op": "prediction", **outcome_to_json(outcome)})
         self._outcomes[outcome.key] = (outcome, rid)
-        if outcome.label is not None and outcome.key not in self._key_labels:
+        if outcome.labelled and outcome.key not in self._key_labels:
             await self.add_label_by_key(outcome.key, outcome.label)
 
-    async def add_label_by_key(self, key: str, label: int) -> None:
+    async def add_label_by_key(self, key: str, label: Choice) -> None:
         """Keep a label for the prediction with this key (durable when this returns); `QueueFull`."""
-        rid = await asyncio.to_thread(self.journal.append, {"op": "label", "key": key, "label": label})
+        rid = await asyncio.to_thread(self.journal.append, {"op": "label", "key": key, **_choice(label)})
         old = self._key_labels.get(key)
         self._key_labels[key] = (label, rid)
         if old:
             await asyncio.to_thread(self.journal.remove, [old[1]])
 
-    async def add_label_by_id(self, prediction_id: int, label: int) -> None:
-        """Keep a label for a stored prediction (durable when this returns); `QueueFull`."""
-        rid = await asyncio.to_thread(
-            self.journal.append, {"op": "label", "id": prediction_id, "label": label}
-        )
+    async def add_label_by_id(
+        self, prediction_id: int, label: Choice, *, token_hash: str | None = None
+    ) -> None:
+        """Keep a label for a stored prediction (durable when this returns); `QueueFull`.
+
+        `token_hash`: the hash of the label token it came with, checked when it is stored (None:
+        the operator's, for any row).
+        """
+        record: dict[str, Any] = {"op": "label", "id": prediction_id, **_choice(label)}
+        if token_hash is not None:
+            record["token_hash"] = token_hash
+        rid = await asyncio.to_thread(self.journal.append, record)
         old = self._id_labels.get(prediction_id)
         self._id_labels[prediction_id] = (label, rid)
+        self._id_tokens[prediction_id] = token_hash
         if old:
             await asyncio.to_thread(self.journal.remove, [old[1]])
 
@@ -320,19 +337,23 @@ class Outbox:
     def has_outcome(self, key: str) -> bool:
         return key in self._outcomes
 
-    def key_labels(self) -> dict[str, int]:
+    def key_labels(self) -> dict[str, Choice]:
         return {key: label for key, (label, _) in self._key_labels.items()}
 
-    def id_labels(self) -> dict[int, int]:
+    def id_labels(self) -> dict[int, Choice]:
         return {prediction_id: label for prediction_id, (label, _) in self._id_labels.items()}
+
+    def id_label_token(self, prediction_id: int) -> str | None:
+        """The token hash the waiting label for this id came with (None: the operator's)."""
+        return self._id_tokens.get(prediction_id)
 
     # -- removing (after PostgreSQL committed) -------------------------------------------------------
     async def remove(
         self,
         *,
         predictions: Iterable[str] = (),
-        key_labels: Iterable[tuple[str, int]] = (),
-        id_labels: Iterable[tuple[int, int]] = (),
+        key_labels: Iterable[tuple[str, Choice]] = (),
+        id_labels: Iterable[tuple[int, Choice]] = (),
     ) -> None:
         """Forget what was stored (one tombstone write): predictions by key, labels by key or by id.
 
@@ -341,14 +362,20 @@ class Outbox:
         """
         rids = [self._outcomes.pop(key)[1] for key in predictions if key in self._outcomes]
         for key, label in key_labels:
-            if self._key_labels.get(key, (None,))[0] == label:
+            if key in self._key_labels and self._key_labels[key][0] == label:
                 rids.append(self._key_labels.pop(key)[1])
         for prediction_id, label in id_labels:
-            if self._id_labels.get(prediction_id, (None,))[0] == label:
+            if prediction_id in self._id_labels and self._id_labels[prediction_id][0] == label:
                 rids.append(self._id_labels.pop(prediction_id)[1])
+                self._id_tokens.pop(prediction_id, None)
         if rids:
             await asyncio.to_thread(self.journal.remove, rids)
 
 
-def _label(item: dict[str, Any]) -> int:
-    return validate_label(item["label"])
+def _choice(label: Choice) -> dict[str, Any]:
+    """The fields of a label record (`not_a_digit` written only when true: older readers see a digit)."""
+    return {"label": label, "not_a_digit": True} if label is None else {"label": label}
+
+
+def _label(item: dict[str, Any]) -> Choice:
+    return validate_choice(item["label"], item.get("not_a_digit", False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import secrets
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +19,9 @@ class Outcome:
     `created_at` is the moment the person made the prediction: the row keeps it even when it is
     stored later. `key` is unique per prediction and stored with the row, so storing the same
     outcome twice (a replay after a crash, a retried request) finds the first row instead.
+    `label_token` is the secret that lets whoever made the drawing label or delete it: made when
+    the outcome is answered (so a queued prediction has one too), only its hash is stored.
+    `label` is the true digit; `not_a_digit` is the other choice (then `label` is None).
     """
 
     image_png: bytes
@@ -28,16 +32,33 @@ class Outcome:
     latency_ms: float = 0.0  # the model server's round trip
     label: int | None = None
     label_stored: bool = False
+    label_token: str = field(default_factory=lambda: new_label_token())
+    not_a_digit: bool = False
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the person chose (a digit, or "not a digit")."""
+        return self.label is not None or self.not_a_digit
 
     @property
     def stored(self) -> bool:
         return self.id is not None
 
 
+def new_label_token() -> str:
+    """A fresh label token: 24 random bytes, URL-safe (32 characters)."""
+    return secrets.token_urlsafe(24)
+
+
 def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
-    """JSON-ready data of an outcome not stored yet (the label travels in its own records)."""
+    """JSON-ready data of an outcome not stored yet (the label travels in its own records).
+
+    The label token itself is kept (the outbox file is the server's own, mode 0600): a retried
+    request must get the same token back, and the row gets its hash when it is stored.
+    """
     return {
         "key": outcome.key,
+        "label_token": outcome.label_token,
         "created_at": outcome.created_at.isoformat(),
         "latency_ms": outcome.latency_ms,
         "image_png": base64.b64encode(outcome.image_png).decode(),
@@ -56,4 +77,7 @@ def outcome_from_json(data: dict[str, Any]) -> Outcome:
         created_at=created_at,
         key=str(data["key"]),
         latency_ms=float(data["latency_ms"]),
+        # A record written before tokens existed gets a fresh one nobody knows: only the operator
+        # may change that row, as for every row stored before.
+        label_token=str(data.get("label_token") or new_label_token()),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -21,17 +22,44 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
-from db.errors import DatabaseUnavailable, InvalidLabel, InvalidPrediction, PredictionNotFound, StoreError
+from db.errors import (
+    DatabaseUnavailable,
+    Forbidden,
+    InvalidLabel,
+    InvalidPrediction,
+    PredictionNotFound,
+    StoreError,
+)
 from db.export import build_export
-from db.records import LabelledRow, NewPrediction, PoolHealth, PredictionRow, validate_label
+from db.records import (
+    LabelledRow,
+    NewPrediction,
+    Only,
+    PoolHealth,
+    PredictionRow,
+    token_hash,
+    validate_choice,
+    validate_label,
+    validate_only,
+)
 from db.stats import Stats
+from handlers.preprocess import ImageTooLargeError, PreprocessError, UnsupportedFormatError, as_png
 
 from . import metrics
 from .inference import InferenceClient, InferenceUnavailable, InvalidInput, Prediction
 from .outbox import Outbox, QueueFull
-from .outcome import Outcome
+from .outcome import Outcome, new_label_token
 
-__all__ = ["Check", "Outcome", "PredictionService", "PredictionStore", "QueueFull", "Readiness"]
+__all__ = [
+    "Check",
+    "Forbidden",
+    "Only",
+    "Outcome",
+    "PredictionService",
+    "PredictionStore",
+    "QueueFull",
+    "Readiness",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +81,22 @@ class PredictionStore(Protocol):
 
     async def find_by_key(self, key: str) -> PredictionRow | None: ...
 
-    async def set_label(self, prediction_id: int, label: int) -> None: ...
+    async def set_label(
+        self,
+        prediction_id: int,
+        label: int | None,
+        *,
+        not_a_digit: bool = False,
+        token_hash: str | None = None,
+    ) -> None: ...
 
-    async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]: ...
+    async def delete(self, prediction_id: int, *, token_hash: str | None = None) -> None: ...
+
+    async def replace_label_token(self, prediction_id: int, token_hash: str) -> None: ...
+
+    async def recent(
+        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+    ) -> list[PredictionRow]: ...
 
     async def image_png(self, prediction_id: int) -> bytes: ...
 
@@ -100,6 +141,19 @@ def check_label(label: object) -> int:
         raise InvalidLabel(f"label must be a whole number from 0 to 9, got {label!r}") from exc
 
 
+def check_choice(label: object, not_a_digit: object = False) -> int | None:
+    """A person's choice (a digit, or None for "not a digit"); `InvalidLabel` in words otherwise.
+
+    The rule is `db.records.validate_choice`'s; only the message is the page's and the API's.
+    """
+    try:
+        return validate_choice(label, not_a_digit)
+    except InvalidLabel as exc:
+        if not_a_digit is True or label is None:
+            raise
+        raise InvalidLabel(f"label must be a whole number from 0 to 9, got {label!r}") from exc
+
+
 def stored_key(client_key: str) -> str:
     """The stored key of a client's `Idempotency-Key`: namespaced and hashed (any text, fixed length)."""
     return IDEMPOTENCY_PREFIX + hashlib.sha256(client_key.encode()).hexdigest()
@@ -119,16 +173,23 @@ def new_prediction(outcome: Outcome, model_name: str) -> NewPrediction:
         input_pixels=bytes(p.input),
         created_at=outcome.created_at,
         key=outcome.key,
+        label_token_hash=token_hash(outcome.label_token),
     )
 
 
-def outcome_of_row(row: PredictionRow, image_png: bytes, key: str) -> Outcome:
+def outcome_of_row(row: PredictionRow, image_png: bytes, key: str, label_token: str) -> Outcome:
     """An outcome for a row stored earlier (a retried request); the model's 28x28 is not kept here."""
     prediction = Prediction(row.digit, row.confidence, list(row.probabilities), [], row.model_version)
     outcome = Outcome(image_png, prediction, created_at=row.created_at, key=key, id=row.id)
-    outcome.latency_ms, outcome.label = row.latency_ms, row.true_label
-    outcome.label_stored = row.true_label is not None
+    outcome.latency_ms, outcome.label, outcome.not_a_digit = row.latency_ms, row.true_label, row.not_a_digit
+    outcome.label_stored = outcome.labelled
+    outcome.label_token = label_token
     return outcome
+
+
+def same_choice(outcome: Outcome, choice: int | None) -> bool:
+    """Whether the outcome's current choice is `choice` (a digit, or None for "not a digit")."""
+    return outcome.labelled and outcome.label == choice and outcome.not_a_digit == (choice is None)
 
 
 class SharedRead:
@@ -184,12 +245,14 @@ class PredictionService:
         max_image_bytes: int,
         retry_interval_s: float = 2.0,
         read_ttl_s: float = 1.0,
+        admin_token: str | None = None,
     ) -> None:
         self.store = store  # wiring only (ui.app); None until the app's startup has opened it
         self.inference = inference
         self.outbox = outbox
         self.max_image_bytes = max_image_bytes
         self.retry_interval_s = retry_interval_s
+        self.admin_token = admin_token or None  # `ADMIN_TOKEN`: may label and delete any row
         self.version = 0  # bumped whenever the data changes, so pages know to refresh
         self._reads = SharedRead(read_ttl_s)
         self._listeners: list[Callable[[], None]] = []
@@ -272,8 +335,9 @@ class PredictionService:
         With an `idempotency_key`, a retry returns the first answer and stores nothing more,
         whether the first was stored or queued; concurrent retries wait for the first.
         """
+        png = await self.stored_form(image)
         if idempotency_key is None:
-            outcome = await self.answer(image)
+            outcome = await self._answer_png(png)
             await self.save(outcome)
             return outcome
         key = stored_key(idempotency_key)
@@ -283,9 +347,9 @@ class PredictionService:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
-            first = await self._known_answer(key, image)
+            first = await self._known_answer(key, png)
             if first is None:
-                first = await self.answer(image)
+                first = await self._answer_png(png)
                 first.key = key
                 await self.save(first)
                 self._remember(first)
@@ -313,7 +377,16 @@ class PredictionService:
             row = await self._db.find_by_key(key)
         except DatabaseUnavailable:
             return None  # answered anew; stored once: the store finds the first row by its key
-        return None if row is None else self._remember(outcome_of_row(row, image, key))
+        if row is None:
+            return None
+        # Only the hash of the first answer's token is stored: this answer gets a new token, which
+        # replaces the stored hash (whoever holds the Idempotency-Key is the one who drew it).
+        outcome = outcome_of_row(row, image, key, new_label_token())
+        try:
+            await self._db.replace_label_token(row.id, token_hash(outcome.label_token))
+        except PredictionNotFound:
+            return None  # deleted meanwhile: answered anew
+        return self._remember(outcome)
 
     def _remember(self, outcome: Outcome) -> Outcome:
         self._answers[outcome.key] = outcome
@@ -328,9 +401,27 @@ class PredictionService:
                 f"image too large: {len(image):,} bytes, at most {self.max_image_bytes:,} are accepted", 413
             )
 
+    async def stored_form(self, image: bytes) -> bytes:
+        """The PNG that is stored for an image: `handlers.preprocess.as_png` (PNG, JPEG or WebP only;
+        JPEG and WebP re-encoded), in a thread (a large photo takes a while to decode).
+
+        `InvalidInput`: 415 a format not accepted, 413 too many pixels, 400 not an image at all.
+        Every answer is made from (and stored as) this PNG: the store takes only PNG, so a JPEG
+        must never reach `save` as it was sent (it would be refused after a 202).
+        """
+        self._check_size(image)
+        try:
+            return await asyncio.to_thread(as_png, image)
+        except PreprocessError as exc:
+            metrics.error("invalid_input")
+            status = exc.status if isinstance(exc, UnsupportedFormatError | ImageTooLargeError) else 400
+            raise InvalidInput(str(exc), int(status)) from exc
+
     async def answer(self, image: bytes) -> Outcome:
         """Ask the model; `InvalidInput` / `InferenceUnavailable` as the model server says. Not stored."""
-        self._check_size(image)
+        return await self._answer_png(await self.stored_form(image))
+
+    async def _answer_png(self, image: bytes) -> Outcome:
         started = time.perf_counter()
         try:
             prediction = await self.inference.predict(image)
@@ -376,45 +467,110 @@ class PredictionService:
     async def _record(self, outcome: Outcome) -> None:
         """Insert the row, then its label if one was given meanwhile (kept for later if that fails)."""
         outcome.id = await self._db.record_prediction(new_prediction(outcome, self.inference.model_name))
-        if outcome.label is not None:
-            await self._store_label(outcome.id, outcome.label, outcome)
+        if outcome.labelled:  # the row was made from this outcome just now: no token to check
+            await self._store_label(outcome.id, outcome.label, outcome, None)
 
-    # -- labels ------------------------------------------------------------------------------------------
-    async def label(self, outcome: Outcome, label: int) -> bool:
-        """Give an outcome its true label; True when stored now, False when durably kept for later."""
-        outcome.label = check_label(label)
+    # -- labels and deletion -------------------------------------------------------------------------
+    def is_operator(self, token: str | None) -> bool:
+        """Whether `token` is the operator's (`ADMIN_TOKEN`); constant time, False when none is set."""
+        if not token or self.admin_token is None:
+            return False
+        return hmac.compare_digest(token.encode(), self.admin_token.encode())
+
+    def _authorize(self, token: str | None, operator: bool) -> str | None:
+        """The token hash the store must find on the row (None: the operator, any row); `Forbidden`
+        when there is neither a token nor the operator (no query: ids are sequential, guessable)."""
+        if operator:
+            return None
+        if not token:
+            metrics.error("forbidden")
+            raise Forbidden("a label token (X-Label-Token) or the operator token is needed")
+        return token_hash(token)
+
+    async def label(self, outcome: Outcome, label: int | None, *, not_a_digit: bool = False) -> bool:
+        """The person's choice for their own drawing (a digit, or "not a digit" with `label` None).
+
+        True when stored now, False when durably kept for later (stored with the prediction).
+        """
+        choice = check_choice(label, not_a_digit)
+        outcome.label, outcome.not_a_digit = choice, choice is None
         outcome.label_stored = False
-        metrics.labelled(outcome, label)
+        metrics.labelled(outcome, choice)
         if outcome.id is not None:
-            return await self._store_label(outcome.id, label, outcome)
+            return await self._store_label(outcome.id, choice, outcome, token_hash(outcome.label_token))
         if self.outbox.has_outcome(outcome.key):  # waiting: the label waits with it
-            await self._keep(lambda: self.outbox.add_label_by_key(outcome.key, label))
+            await self._keep(lambda: self.outbox.add_label_by_key(outcome.key, choice))
             self._changed()
         return False  # else its save is on its way and stores the label with it
 
-    async def label_by_id(self, prediction_id: int, label: int) -> bool:
-        """Label a stored prediction; `PredictionNotFound`; False when durably kept for later."""
-        check_label(label)
-        metrics.labelled_by_id(prediction_id, label)
-        return await self._store_label(prediction_id, label, None)
+    async def label_by_id(
+        self,
+        prediction_id: int,
+        label: int | None,
+        *,
+        not_a_digit: bool = False,
+        token: str | None = None,
+        operator: bool = False,
+    ) -> bool:
+        """Label a stored prediction with its label token (or as the operator: any row).
 
-    async def _store_label(self, prediction_id: int, label: int, outcome: Outcome | None) -> bool:
+        `Forbidden` without a token or with another row's, `PredictionNotFound`, `InvalidLabel`;
+        False when the database is down and the label is durably kept (the token is checked
+        when it is stored: a label with a wrong token is then dropped).
+        """
+        choice = check_choice(label, not_a_digit)
+        needed = self._authorize(token, operator)
+        metrics.labelled_by_id(prediction_id, choice)
+        return await self._store_label(prediction_id, choice, None, needed)
+
+    async def _store_label(
+        self, prediction_id: int, choice: int | None, outcome: Outcome | None, needed: str | None
+    ) -> bool:
         try:
-            await self._db.set_label(prediction_id, label)
+            await self._db.set_label(prediction_id, choice, not_a_digit=choice is None, token_hash=needed)
         except DatabaseUnavailable as exc:
             metrics.error("database_unavailable")
-            await self._keep(lambda: self.outbox.add_label_by_id(prediction_id, label))
+            await self._keep(lambda: self.outbox.add_label_by_id(prediction_id, choice, token_hash=needed))
             log.warning("label kept in the outbox until the database is back: %s", exc)
             self._changed()
             return False
         except PredictionNotFound:
             metrics.error("not_found")
             raise
+        except Forbidden:
+            metrics.error("forbidden")
+            raise
         await self._forget_older_labels(prediction_id, outcome)
         if outcome is not None:
-            outcome.label_stored = outcome.label == label
+            outcome.label_stored = same_choice(outcome, choice)
         self._changed()
         return True
+
+    async def delete(self, prediction_id: int, *, token: str | None = None, operator: bool = False) -> None:
+        """Delete a stored prediction and its drawing, with its label token (or as the operator).
+
+        `Forbidden`, `PredictionNotFound` (also once deleted), `DatabaseUnavailable` (nothing is
+        queued: the person is told to try again).
+        """
+        needed = self._authorize(token, operator)
+        try:
+            await self._db.delete(prediction_id, token_hash=needed)
+        except DatabaseUnavailable:
+            metrics.error("database_unavailable")
+            raise
+        except PredictionNotFound:
+            metrics.error("not_found")
+            raise
+        except Forbidden:
+            metrics.error("forbidden")
+            raise
+        waiting = self.outbox.id_labels()
+        if prediction_id in waiting:  # a label queued for it has nothing to go to
+            await self.outbox.remove(id_labels=[(prediction_id, waiting[prediction_id])])
+        for key in [k for k, o in self._answers.items() if o.id == prediction_id]:
+            del self._answers[key]  # a retry must not answer with a row that is gone
+        metrics.deleted()
+        self._changed()
 
     async def _forget_older_labels(self, prediction_id: int, outcome: Outcome | None) -> None:
         """A label just stored replaces any older one still waiting for the same prediction."""
@@ -427,10 +583,20 @@ class PredictionService:
             )
 
     # -- reads ------------------------------------------------------------------------------------------
-    async def recent(self, limit: int, before_id: int | None = None) -> list[PredictionRow]:
-        """Stored predictions, newest first; `DatabaseUnavailable` while the database is down."""
+    async def recent(
+        self, limit: int, before_id: int | None = None, *, only: Only = "all"
+    ) -> list[PredictionRow]:
+        """Stored predictions, newest first, all or `only` the wrong / unlabelled / not-a-digit ones;
+        `DatabaseUnavailable` while the database is down."""
+        only = validate_only(only)
+        if only == "all":
+            return await self._reads.get(
+                ("recent", limit, before_id), self.version, lambda: self._db.recent(limit, before_id)
+            )
         return await self._reads.get(
-            ("recent", limit, before_id), self.version, lambda: self._db.recent(limit, before_id)
+            ("recent", limit, before_id, only),
+            self.version,
+            lambda: self._db.recent(limit, before_id, only=only),
         )
 
     def waiting_outcomes(self) -> list[Outcome]:
@@ -525,21 +691,33 @@ class PredictionService:
             else:
                 outcome.id = result
         done: list[str] = []
-        labels_done: list[tuple[str, int]] = []
+        labels_done: list[tuple[str, int | None]] = []
+        key_labels = self.outbox.key_labels()
+        recorded_now = {o.key for o in new}
         for outcome in outcomes:
             if outcome.id is None:
                 continue
-            label = self.outbox.key_labels().get(outcome.key)
-            if label is not None:
+            if outcome.key.startswith(IDEMPOTENCY_PREFIX) and outcome.key in recorded_now:
+                # A retry answered while the database was down may find the first row stored by
+                # now: the token this retry was given must be the one that works.
                 try:
-                    await self._db.set_label(outcome.id, label)
+                    await self._db.replace_label_token(outcome.id, token_hash(outcome.label_token))
+                except DatabaseUnavailable as exc:
+                    outcome.id, unavailable = None, exc
+                    break
+                except PredictionNotFound:
+                    pass  # deleted meanwhile: nothing to give a token to
+            if outcome.key in key_labels:  # given on the page that made it: no token to check
+                choice = key_labels[outcome.key]
+                try:
+                    await self._db.set_label(outcome.id, choice, not_a_digit=choice is None)
                 except DatabaseUnavailable as exc:
                     unavailable = exc
                     break
-                except PredictionNotFound:  # not expected: the row was just stored
-                    log.error("label for prediction %d dropped: the row is gone", outcome.id)
-                labels_done.append((outcome.key, label))
-                outcome.label_stored = outcome.label == label
+                except PredictionNotFound:  # deleted meanwhile (the row was just stored)
+                    log.warning("label for prediction %d dropped: the row is gone", outcome.id)
+                labels_done.append((outcome.key, choice))
+                outcome.label_stored = same_choice(outcome, choice)
             done.append(outcome.key)
         await self.outbox.remove(predictions=done + dropped, key_labels=labels_done)
         if unavailable is not None:
@@ -549,27 +727,32 @@ class PredictionService:
     async def _flush_key_labels(self) -> int:
         """Labels given while their prediction waited, whose prediction is stored by now."""
         stored = 0
-        for key, label in self.outbox.key_labels().items():
+        for key, choice in self.outbox.key_labels().items():
             if self.outbox.has_outcome(key):
                 continue
             row = await self._db.find_by_key(key)
-            if row is None:
-                log.error("label %d for a prediction that was never stored, dropped", label)
-            else:
-                await self._db.set_label(row.id, label)
+            try:
+                if row is None:
+                    raise PredictionNotFound(key)
+                await self._db.set_label(row.id, choice, not_a_digit=choice is None)
                 stored += 1
-            await self.outbox.remove(key_labels=[(key, label)])
+            except PredictionNotFound:
+                log.warning("label %s for a prediction that is not stored (deleted?), dropped", choice)
+            await self.outbox.remove(key_labels=[(key, choice)])
         return stored
 
     async def _flush_id_labels(self) -> int:
         stored = 0
-        for prediction_id, label in self.outbox.id_labels().items():
+        for prediction_id, choice in self.outbox.id_labels().items():
+            needed = self.outbox.id_label_token(prediction_id)
             try:
-                await self._db.set_label(prediction_id, label)
+                await self._db.set_label(prediction_id, choice, not_a_digit=choice is None, token_hash=needed)
                 stored += 1
             except PredictionNotFound:
-                log.error("label for unknown prediction %d dropped", prediction_id)
-            await self.outbox.remove(id_labels=[(prediction_id, label)])
+                log.warning("label for unknown (or deleted) prediction %d dropped", prediction_id)
+            except Forbidden:
+                log.warning("label for prediction %d dropped: its label token does not match", prediction_id)
+            await self.outbox.remove(id_labels=[(prediction_id, choice)])
         return stored
 
     async def _retry_forever(self) -> None:
@@ -581,3 +764,14 @@ class PredictionService:
                 except Exception:  # keep retrying whatever happens; a bug here must not stop storing
                     log.exception("storing waiting predictions failed")
             await asyncio.sleep(self.retry_interval_s)
+
+    # -- changes made by other replicas -------------------------------------------------------------------
+    def notify_external_change(self) -> None:
+        """Another writer (another replica) changed the stored data: reads start afresh, listeners are told.
+
+        Called by the database change listener (`db.notify`, wired in `ui.app`), synchronously. A
+        fresh `SharedRead` also stops new callers from joining a query already running, which may
+        have begun before the other replica's commit and would answer without its row.
+        """
+        self._reads = SharedRead(self._reads.ttl_s, self._reads.max_entries)
+        self._changed()

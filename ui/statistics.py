@@ -1,5 +1,7 @@
 """The statistics tab: totals, accuracy per digit and per model version, confusion matrix, download.
 
+Drawings the person marked as not a digit are counted apart (never labelled, never in an accuracy).
+
 Rendered from a typed `Stats` it is given; choosing a model version re-renders from the same `Stats`.
 Every open tab renders each change, so the elements are built once and updated in place, and
 unchanged statistics are not sent again.
@@ -25,6 +27,7 @@ VERSION_COLUMNS = [
     {"name": "version", "label": "version", "field": "version", "align": "left"},
     {"name": "total", "label": "predictions", "field": "total"},
     {"name": "labelled", "label": "labelled", "field": "labelled"},
+    {"name": "not_a_digit", "label": "not a digit", "field": "not_a_digit"},
     {"name": "accuracy", "label": "accuracy", "field": "accuracy"},
 ]
 
@@ -49,7 +52,13 @@ def version_options(stats: Stats) -> dict[str, str]:
 def version_rows(stats: Stats) -> list[dict[str, Any]]:
     """The per-version table's rows."""
     return [
-        {"version": name, "total": v.total, "labelled": v.labelled, "accuracy": views.percent(v.accuracy)}
+        {
+            "version": name,
+            "total": v.total,
+            "labelled": v.labelled,
+            "not_a_digit": v.not_a_digit,
+            "accuracy": views.percent(v.accuracy),
+        }
         for name, v in stats.by_version.items()
     ]
 
@@ -73,9 +82,10 @@ class StatisticsPanel:
         self.body = ui.column().classes("w-full")
         self.body.set_visibility(False)
         with self.body:
-            with ui.row().classes("gap-8 items-end"):
+            with ui.row().classes("gap-x-8 gap-y-2 items-end"):
                 self.total = self._figure("stat-predictions", "predictions")
                 self.labelled = self._figure("stat-labelled", "labelled")
+                self.not_a_digit = self._figure("stat-not-a-digit", "not a digit (apart)")
                 self.accuracy = self._figure("stat-accuracy", "accuracy on labelled")
                 self.select = ui.select({ALL_VERSIONS: "all model versions"}, value=ALL_VERSIONS)
                 self.select.props("dense outlined").classes("min-w-[200px]")
@@ -86,11 +96,13 @@ class StatisticsPanel:
             with ui.row().classes("w-full gap-6 no-wrap max-md:flex-wrap"):
                 with ui.column().classes("grow min-w-[280px]"):
                     ui.label("Accuracy per true digit").classes("text-subtitle2")
-                    self.per_digit = ui.echart(views.per_digit_chart([None] * 10)).classes("w-full h-48")
+                    self.per_digit = ui.echart(views.per_digit_chart([None] * 10)).classes(
+                        "chart w-full h-48"
+                    )
                 with ui.column().classes("grow min-w-[280px]"):
                     ui.label("Confusion matrix (rows: true, columns: predicted)").classes("text-subtitle2")
                     zeros = [[0] * 10 for _ in range(10)]
-                    self.confusion = ui.echart(views.confusion_chart(zeros)).classes("w-full h-80")
+                    self.confusion = ui.echart(views.confusion_chart(zeros)).classes("chart w-full h-80")
             self.versions = ui.column().classes("w-full")
             with self.versions:
                 ui.label("Per model version").classes("text-subtitle2")
@@ -119,6 +131,7 @@ class StatisticsPanel:
         shown = shown_stats(stats, self.version)
         self.total.set_text(str(shown.total))
         self.labelled.set_text(str(shown.labelled))
+        self.not_a_digit.set_text(str(shown.not_a_digit))
         self.accuracy.set_text(views.percent(shown.accuracy))
         self.select.set_visibility(len(stats.by_version) > 1)
         self.select.set_options(version_options(stats), value=self.version or ALL_VERSIONS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from PIL import Image
@@ -31,10 +32,47 @@ def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
+def ranked(probabilities: Sequence[float]) -> list[int]:
+    """The digits from the most to the least likely (ties: the smaller digit first)."""
+    return sorted(range(len(probabilities)), key=lambda d: (-probabilities[d], d))
+
+
+def top_guesses(probabilities: Sequence[float], n: int = 3) -> str:
+    """The best `n` guesses as text beside the bars: '1 61% · 7 32% · 9 3%'."""
+    return " · ".join(f"{d} {round(100 * probabilities[d])}%" for d in ranked(probabilities)[:n])
+
+
+def short_time(at: datetime, now: datetime) -> str:
+    """A history line's time, short enough for a phone: the time of day today, else the date too."""
+    local, today = at.astimezone(), now.astimezone()
+    return local.strftime("%H:%M:%S" if local.date() == today.date() else "%Y-%m-%d %H:%M")
+
+
+# The "not sure" hint carries its own background, so the pair is the same in light and dark mode;
+# its contrast is checked against WCAG AA (4.5:1 for normal text) by a unit test.
+HINT_TEXT = "#5c3c00"
+HINT_BACKGROUND = "#fff3cd"
+
+
+def relative_luminance(colour: str) -> float:
+    """WCAG 2 relative luminance of a '#rrggbb' colour."""
+    value = colour.lstrip("#")
+    if len(value) != 6:
+        raise ValueError(f"not a #rrggbb colour: {colour!r}")
+    channels = [int(value[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(a: str, b: str) -> float:
+    """WCAG 2 contrast ratio of two colours, from 1 (the same) to 21 (black on white)."""
+    light, dark = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
 def unsure_hint(probabilities: Sequence[float]) -> str | None:
     """A sentence when the model is unsure (top under 60 % or the best two within 20 points), else None."""
-    ranked = sorted(range(10), key=lambda d: probabilities[d], reverse=True)
-    first, second = ranked[0], ranked[1]
+    first, second = ranked(probabilities)[:2]
     top, runner_up = probabilities[first], probabilities[second]
     if top < 0.6 or top - runner_up < 0.2:
         return f"Not sure: it could also be a {second} ({percent(runner_up)})."
@@ -69,8 +107,11 @@ def probability_chart(probabilities: Sequence[float], digit: int) -> dict[str, A
 def confusion_chart(confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
     """ECharts heatmap of confusion[true][predicted], true labels down, predictions across."""
     counts = [(pred, true, int(confusion[true][pred])) for true in range(10) for pred in range(10)]
-    cells = [{"value": [pred, true, count], "label": {"show": count > 0}} for pred, true, count in counts]
     peak = max((count for _, _, count in counts), default=0)
+    cells = [
+        {"value": [pred, true, count], "label": {"show": count > 0, "color": cell_text(count, peak)}}
+        for pred, true, count in counts
+    ]
     digits = [str(d) for d in range(10)]
     axis = {"type": "category", "data": digits, "nameLocation": "middle", "splitArea": {"show": True}}
     return {
@@ -87,6 +128,11 @@ def confusion_chart(confusion: Sequence[Sequence[int]]) -> dict[str, Any]:
         },
         "series": [{"type": "heatmap", "data": cells, "label": {"show": True}}],
     }
+
+
+def cell_text(count: int, peak: int) -> str:
+    """The count's colour on its heatmap cell: white on the darker half of the scale, else near black."""
+    return "#ffffff" if peak and count > peak / 2 else "#1a1a1a"
 
 
 def per_digit_chart(accuracy: Sequence[float | None]) -> dict[str, Any]:

@@ -341,6 +341,93 @@ def test_0004_keeps_the_rows_already_there(empty_db_url: str, tmp_path: Path) ->
     migrate(empty_db_url, first)
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
         (pid,) = one(conn.execute(INSERT, _valid()))
-    assert migrate(empty_db_url) == ["0004_prediction_key.sql"]
+    shutil.copy(MIGRATIONS_DIR / "0004_prediction_key.sql", first)
+    assert migrate(empty_db_url, first) == ["0004_prediction_key.sql"]
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
         assert conn.execute("SELECT id, key FROM predictions").fetchall() == [(pid, None)]
+
+
+# -- 0005: label tokens and "not a digit" ---------------------------------------------------------------
+NOT_A_DIGIT = (
+    "UPDATE predictions SET not_a_digit = true, true_label = NULL, labelled_at = now() WHERE id = %s"
+)
+GROUPED_CHOICES = """
+SELECT model_version, CASE WHEN not_a_digit THEN -2 ELSE true_label END, digit, count(*)
+FROM predictions GROUP BY 1, 2, 3
+"""
+
+
+def _grouped_choices(conn: psycopg.Connection) -> list[tuple]:
+    rows = conn.execute(GROUPED_CHOICES).fetchall()
+    return sorted(rows, key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2]))
+
+
+def test_0005_keeps_the_rows_already_there(empty_db_url: str, tmp_path: Path) -> None:
+    """Rows stored before 0005 keep their labels and counts; they have no token and are digits."""
+    first = tmp_path / "first"
+    first.mkdir()
+    for path in sorted(MIGRATIONS_DIR.glob("000[1-4]_*.sql")):
+        shutil.copy(path, first)
+    migrate(empty_db_url, first)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        ids = [one(conn.execute(INSERT, {**_valid(), "digit": d}))[0] for d in (1, 1, 2)]
+        conn.execute("UPDATE predictions SET true_label = 7, labelled_at = now() WHERE id = %s", (ids[2],))
+    shutil.copy(MIGRATIONS_DIR / "0005_label_tokens.sql", first)
+    assert migrate(empty_db_url, first) == ["0005_label_tokens.sql"]
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id, true_label, not_a_digit, label_token_hash FROM predictions ORDER BY id"
+        )
+        assert rows.fetchall() == [
+            (ids[0], None, False, None),
+            (ids[1], None, False, None),
+            (ids[2], 7, False, None),
+        ]
+        assert _counted(conn) == [("1.0", None, 1, 2), ("1.0", 7, 2, 1)]
+        conn.execute(NOT_A_DIGIT, (ids[0],))  # an old row can still be changed (by the operator)
+        assert _counted(conn) == [("1.0", -2, 1, 1), ("1.0", None, 1, 1), ("1.0", 7, 2, 1)]
+
+
+def test_0005_not_a_digit_rules(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        (pid,) = one(conn.execute(INSERT, _valid()))
+        conn.execute(NOT_A_DIGIT, (pid,))
+        assert one(conn.execute("SELECT labelled_at IS NOT NULL FROM predictions WHERE id = %s", (pid,))) == (
+            True,
+        )
+        with pytest.raises(psycopg.errors.CheckViolation) as both:
+            conn.execute("UPDATE predictions SET true_label = 3 WHERE id = %s", (pid,))
+        assert both.value.diag.constraint_name == "predictions_not_a_digit_unlabelled"
+        with pytest.raises(psycopg.errors.CheckViolation) as untimed:
+            conn.execute("UPDATE predictions SET labelled_at = NULL WHERE id = %s", (pid,))
+        assert untimed.value.diag.constraint_name == "predictions_label_time"
+        for bad in ("", "A" * 64, "0" * 63, "g" * 64):
+            with pytest.raises(psycopg.errors.CheckViolation) as token:
+                conn.execute("UPDATE predictions SET label_token_hash = %s WHERE id = %s", (bad, pid))
+            assert token.value.diag.constraint_name == "predictions_label_token_hash_hex"
+        conn.execute("UPDATE predictions SET label_token_hash = %s WHERE id = %s", ("0a" * 32, pid))
+
+
+def test_0005_counters_count_not_a_digit_apart_and_follow_deletes(db_url: str) -> None:
+    conns = [psycopg.connect(db_url, autocommit=True) for _ in range(2)]
+    try:
+        ids = [one(conns[i % 2].execute(INSERT, {**_valid(), "digit": i % 10}))[0] for i in range(20)]
+        update = "UPDATE predictions SET true_label = %s, labelled_at = now() WHERE id = %s"
+        for pid in ids[:6]:
+            conns[0].execute(NOT_A_DIGIT, (pid,))
+        for i, pid in enumerate(ids[6:12]):
+            conns[1].execute(update, (i, pid))
+        conns[0].execute(  # not a digit after all: a digit again
+            "UPDATE predictions SET not_a_digit = false, true_label = 5 WHERE id = %s", (ids[0],)
+        )
+        conns[1].execute(NOT_A_DIGIT, (ids[6],))  # a digit first, then not a digit
+        assert _counted(conns[0]) == _grouped_choices(conns[0])
+        assert sum(r[3] for r in _counted(conns[0]) if r[1] == -2) == 6
+        conns[1].execute("DELETE FROM predictions WHERE id = ANY(%s)", (ids[1:4] + ids[7:9] + ids[15:],))
+        assert _counted(conns[0]) == _grouped_choices(conns[0])
+        assert sum(r[3] for r in _counted(conns[0])) == 20 - 10
+        images = one(conns[0].execute("SELECT count(*) FROM prediction_images"))
+        assert images == (10,)  # the drawings went with their rows
+    finally:
+        for conn in conns:
+            conn.close()

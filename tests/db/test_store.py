@@ -362,3 +362,11 @@ async def _eventually(fn, *args, seconds: float = 15.0):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def test_connections_carry_the_application_name(db_url: str) -> None:
+    async with await Store.open(db_url, application_name="digit-classifier replica-7") as named:
+        assert await named.ping()
+        with psycopg.connect(db_url) as conn:
+            names = {row[0] for row in conn.execute("SELECT application_name FROM pg_stat_activity")}
+        assert "digit-classifier replica-7" in names

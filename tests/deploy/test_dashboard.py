@@ -191,18 +191,23 @@ def drive(ui_url: str, torchserve: TorchServeInstance, images: list[bytes]) -> N
         assert answer.status_code == 201, answer.text
         body = answer.json()
         label = body["digit"] if n % 2 == 0 else (body["digit"] + 1) % 10
-        labelled = httpx.put(f"{ui_url}/api/predictions/{body['id']}/label", json={"label": label})
+        labelled = httpx.put(
+            f"{ui_url}/api/predictions/{body['id']}/label",
+            json={"label": label},
+            headers={"X-Label-Token": body["label_token"]},
+        )
         assert labelled.status_code == 200, labelled.text
     assert httpx.get(f"{ui_url}/readyz", timeout=10).status_code == 200
+    keys = torchserve.inference_headers()  # token authorization is on
     refused = httpx.post(
-        torchserve.predictions_url(), content=b"not an image", headers={"Content-Type": "image/png"}
+        torchserve.predictions_url(), content=b"not an image", headers={"Content-Type": "image/png", **keys}
     )
     assert 400 <= refused.status_code < 500, refused.text
     # A form with a broken escape fails in TorchServe's frontend, before the handler: a real 5xx.
     failed = httpx.post(
         torchserve.predictions_url(),
         content=b"a=%E0%A4%A",
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        headers={"Content-Type": "application/x-www-form-urlencoded", **keys},
     )
     assert failed.status_code >= 500, failed.text
 

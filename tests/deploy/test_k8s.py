@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
+from settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SCHEMAS = ROOT / "deploy" / "schemas"
@@ -38,6 +40,7 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|^DATABASE_URL$")
 INLINE_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 # Secrets the CloudNativePG operator writes for the `digits-db` cluster (prod).
 OPERATOR_SECRETS = {"digits-db-app"}
+UI = "digits-ui"  # the UI's StatefulSet (one outbox volume per pod), Service, PDB
 
 Obj = dict[str, Any]
 
@@ -192,7 +195,7 @@ def test_overlay_validates_against_the_kubernetes_and_operator_schemas(
 def test_the_validators_reject_an_unknown_field(rendered: dict[str, list[Obj]]) -> None:
     kubernetes = validator()
     crds = crd_schemas()
-    deployment = copy.deepcopy(named(rendered["prod"], "Deployment", "digits-ui"))
+    deployment = copy.deepcopy(named(rendered["prod"], "StatefulSet", "digits-ui"))
     pod_spec(deployment)["containers"][0]["resource"] = {}
     cluster = copy.deepcopy(named(rendered["prod"], "Cluster", "digits-db"))
     cluster["spec"]["instancess"] = 3
@@ -225,7 +228,7 @@ def test_overlay_has_the_application(rendered: dict[str, list[Obj]], overlay: st
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objs}
     assert {
         ("Deployment", "digits-torchserve"),
-        ("Deployment", "digits-ui"),
+        ("StatefulSet", "digits-ui"),
         ("Job", "digits-migrate"),
         ("HorizontalPodAutoscaler", "digits-torchserve"),
         ("PodDisruptionBudget", "digits-torchserve"),
@@ -243,9 +246,12 @@ def test_overlay_has_the_application(rendered: dict[str, list[Obj]], overlay: st
 def test_postgres_is_an_operator_cluster_in_prod_and_a_statefulset_only_in_dev(
     rendered: dict[str, list[Obj]],
 ) -> None:
-    assert [o["metadata"]["name"] for o in of_kind(rendered["dev"], "StatefulSet")] == ["digits-db"]
+    def databases(objs: list[Obj]) -> list[str]:
+        return [o["metadata"]["name"] for o in of_kind(objs, "StatefulSet") if o["metadata"]["name"] != UI]
+
+    assert databases(rendered["dev"]) == ["digits-db"]
     assert of_kind(rendered["dev"], "Cluster") == []
-    assert of_kind(rendered["prod"], "StatefulSet") == []
+    assert databases(rendered["prod"]) == []
     (cluster,) = of_kind(rendered["prod"], "Cluster")
     assert cluster["spec"]["instances"] >= 3
     # The operator generates the password; nothing in the manifest names one.
@@ -279,7 +285,7 @@ def test_torchserve_runs_the_serving_command_with_the_model_readiness_probe(
 def test_ui_serves_only_and_the_job_migrates_from_the_same_image(
     rendered: dict[str, list[Obj]], overlay: str
 ) -> None:
-    deployment = named(rendered[overlay], "Deployment", "digits-ui")
+    deployment = named(rendered[overlay], "StatefulSet", UI)
     (ui,) = pod_spec(deployment)["containers"]
     assert ui["command"] == ["python", "-m", "ui"]
     assert ui["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -298,6 +304,63 @@ def test_ui_sessions_stick_to_one_pod(rendered: dict[str, list[Obj]], overlay: s
     assert annotations["nginx.ingress.kubernetes.io/affinity"] == "cookie"
 
 
+def quantity_bytes(text: str) -> int:
+    """A Kubernetes storage quantity (`1Gi`, `500M`, `1024`) in bytes."""
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
+    match = re.fullmatch(r"(\d+)([KMGT]i?|k)?", text)
+    assert match, text
+    return int(match[1]) * units.get(match[2] or "", 1)
+
+
+def image_env(name: str) -> str:
+    """The value of an ENV the UI image sets (docker/ui/Dockerfile)."""
+    found = re.search(rf"\b{name}=(\S+)", (ROOT / "docker" / "ui" / "Dockerfile").read_text())
+    assert found, f"docker/ui/Dockerfile sets no {name}"
+    return found[1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_what_a_ui_pod_accepted_outlives_the_pod(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    """Each UI pod's outbox (DATA_DIR) is on a claim of its own that a restarted pod finds again."""
+    objs = rendered[overlay]
+    assert [d["metadata"]["name"] for d in of_kind(objs, "Deployment")] == ["digits-torchserve"]
+    ui = named(objs, "StatefulSet", UI)
+    spec = ui["spec"]
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # The bound the pod runs with: from its ConfigMaps (envFrom) or env, else the setting's default.
+    (container,) = pod_spec(ui)["containers"]
+    env = {
+        k: v
+        for ref in container.get("envFrom", [])
+        for c in of_kind(objs, "ConfigMap")
+        if c["metadata"]["name"] == ref["configMapRef"]["name"]
+        for k, v in c.get("data", {}).items()
+    } | {e["name"]: e.get("value") for e in container.get("env", [])}
+    outbox_max = int(env.get("OUTBOX_MAX_BYTES") or Settings.model_fields["outbox_max_bytes"].default)
+    # Compaction writes a copy of the outbox beside it before the rename.
+    assert quantity_bytes(claim["spec"]["resources"]["requests"]["storage"]) >= 2 * outbox_max
+    data_dir = env.get("DATA_DIR") or image_env("DATA_DIR")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts.get(data_dir) == claim["metadata"]["name"], data_dir
+    # Not shadowed by a pod volume of the same name (an emptyDir would go with the pod).
+    assert claim["metadata"]["name"] not in {v["name"] for v in pod_spec(ui).get("volumes", [])}
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    # SIGTERM comes after the preStop hook; the last attempt to store needs a few seconds more.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod_spec(ui)["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + 20
+
+
 def test_torchserve_config_is_the_repository_file(rendered: dict[str, list[Obj]]) -> None:
     """The base keeps a copy (kustomize reads nothing outside its folder): it must not drift."""
     for objs in rendered.values():
@@ -308,8 +371,8 @@ def test_torchserve_config_is_the_repository_file(rendered: dict[str, list[Obj]]
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_scraped_by_prometheus(rendered: dict[str, list[Obj]], overlay: str) -> None:
     objs = rendered[overlay]
-    for name, port in (("digits-torchserve", "8082"), ("digits-ui", "8500")):
-        annotations = named(objs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"]
+    for kind, name, port in (("Deployment", "digits-torchserve", "8082"), ("StatefulSet", UI, "8500")):
+        annotations = named(objs, kind, name)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == port
         assert annotations["prometheus.io/path"] == "/metrics"
         if overlay == "prod":
@@ -427,6 +490,9 @@ def test_every_reference_points_at_a_rendered_object(rendered: dict[str, list[Ob
             selector = (obj["spec"].get("selector") or obj["spec"]["podSelector"])["matchLabels"]
             assert any(selects(selector, lab) for lab in labels), obj["metadata"]["name"]
     for workload in workloads(objs):
+        if workload["kind"] == "StatefulSet":  # its governing Service exists and selects its pods
+            governing = services[workload["spec"]["serviceName"]]
+            assert selects(governing["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
         selector = workload["spec"].get("selector", {}).get("matchLabels")
         if selector is not None:  # a Job's selector is generated
             assert selects(selector, workload["spec"]["template"]["metadata"]["labels"]), workload[

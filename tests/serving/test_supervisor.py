@@ -23,6 +23,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from serving.keys import headers
 from serving.supervisor import Backoff, Supervisor
 from serving.torchserve import ServeConfig, ServeError, read_pid, stop
 from serving.watchdog import claim, live_owner, recorded_owner, release, watch
@@ -220,7 +221,8 @@ def torchserve_processes(config: ServeConfig, tmp: Path) -> list[psutil.Process]
 
 async def predict_until_answered(config: ServeConfig, image: bytes, timeout: float) -> tuple[int, list[str]]:
     """Ask through the UI's client until the model answers; its digit and the failures meanwhile."""
-    client = InferenceClient(config.inference_url, config.model_name, config.management_url, timeout_s=2.0)
+    urls = (config.inference_url, config.model_name, config.management_url)
+    client = InferenceClient(*urls, timeout_s=2.0, key_file=config.key_file)
     failures: list[str] = []
     deadline = time.monotonic() + timeout
     try:
@@ -257,7 +259,9 @@ def test_serving_run_restarts_a_killed_java_frontend_and_its_watchdog_outlives_a
         while "TorchServe is ready" not in log.read_text() and time.monotonic() < deadline:
             assert process.poll() is None, log.read_text()
             time.sleep(0.25)
-        first = httpx.post(f"{config.inference_url}/predictions/mnist", content=digit[0], timeout=30)
+        keys = headers(config.key_file, "inference")
+        url = f"{config.inference_url}/predictions/mnist"
+        first = httpx.post(url, content=digit[0], headers=keys, timeout=30)
         assert first.status_code == 200 and first.json()["digit"] == digit[1]
         assert live_owner(config) == process.pid
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from serving.keys import headers
 from serving.management import ManagementClient
 from serving.ports import free_port
 from serving.torchserve import (
@@ -38,6 +40,7 @@ from tests.handlers.renditions import png, read_mnist_test
 from ui.inference import InferenceClient, InferenceUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
+STOPPED_WITHIN_S = 5.0  # make stop, SIGTERM/Ctrl-C: TorchServe gone within this (tests/serving/test_stop.py)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,14 @@ def digit(mnist_dir):
     return png(Image.fromarray(images[0])), int(labels[0])
 
 
+def keyed(config: ServeConfig) -> dict[str, str]:
+    """The inference key of the TorchServe run by `config`, as a header."""
+    return headers(config.key_file, "inference")
+
+
 def describe(torchserve, version: str | None = None) -> list[dict]:
     url = f"{torchserve.management_url}/models/{torchserve.model_name}" + (f"/{version}" if version else "")
-    response = httpx.get(url, timeout=10)
+    response = httpx.get(url, headers=torchserve.management_headers(), timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -67,7 +75,10 @@ def test_config_properties_binds_loopback_with_prometheus_metrics():
     assert props["metrics_address"] == "http://127.0.0.1:8082"
     assert props["metrics_mode"] == "prometheus"
     assert "load_models" not in props and "models" not in props  # serving.start registers the model
-    assert props["disable_token_authorization"] == "true"
+    # locked down (serving/README.md, docs/security.md): keys on both APIs, for as long as TorchServe
+    # runs; registration only of archives already in the model store
+    assert "disable_token_authorization" not in props and float(props["token_expiration_min"]) >= 525_600
+    assert props["allowed_urls"] == "(?!)" and props["enable_model_api"] == "true"
 
 
 def test_serve_config_defaults_are_the_settings_defaults():
@@ -89,6 +100,17 @@ def test_environment_sets_java_temp_logs_ports_and_threads(tmp_path):
     assert env["LOG_LOCATION"] == str(tmp_path / "run" / "logs")
     assert env["TS_INFERENCE_ADDRESS"] == "http://127.0.0.1:9999"
     assert env["OMP_NUM_THREADS"] == os.environ.get("OMP_NUM_THREADS", "1")
+
+
+def test_environment_passes_no_inherited_ts_variable_and_sets_token_auth(tmp_path, monkeypatch):
+    """TorchServe takes TS_* over config.properties: only the ones `environment` sets may reach it."""
+    monkeypatch.setenv("TS_ALLOWED_URLS", "http(s)?://.*")
+    monkeypatch.setenv("TS_DISABLE_TOKEN_AUTHORIZATION", "true")
+    env = environment(ServeConfig(model_store=tmp_path, run_dir=tmp_path / "run"))
+    assert "TS_ALLOWED_URLS" not in env and env["TS_DISABLE_TOKEN_AUTHORIZATION"] == "false"
+    off = ServeConfig.from_settings(Settings(torchserve_token_auth=False))
+    assert environment(off)["TS_DISABLE_TOKEN_AUTHORIZATION"] == "true"
+    assert ServeConfig().token_auth and ServeConfig().key_file == ServeConfig().run_dir / "key_file.json"
 
 
 # --- lifecycle --------------------------------------------------------------------------------
@@ -132,6 +154,13 @@ def run_cli(action: str, config: ServeConfig) -> subprocess.CompletedProcess:
     )
 
 
+def python_start_s(config: ServeConfig) -> float:
+    """Seconds `python -m serving` takes to start and import what it runs (`--help` exits there)."""
+    started = time.monotonic()
+    assert run_cli("--help", config).returncode == 0
+    return time.monotonic() - started
+
+
 @pytest.mark.slow
 def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
     """`python -m serving start` (make serve) returns once predictions work; stop ends every process."""
@@ -145,7 +174,9 @@ def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
     names = " ".join(" ".join(p.cmdline()) for p in family)
     assert "java" in names and "model_service_worker" in names
     try:
-        response = httpx.post(f"{config.inference_url}/predictions/mnist", content=digit[0], timeout=30)
+        response = httpx.post(
+            f"{config.inference_url}/predictions/mnist", content=digit[0], headers=keyed(config), timeout=30
+        )
         assert response.status_code == 200 and response.json()["digit"] == digit[1]
         status = run_cli("status", config)
         workers = json.loads(status.stdout)["models"][0]["workers"]
@@ -153,9 +184,14 @@ def test_cli_start_status_stop_leaves_no_process_behind(tmp_path, digit):
         again = run_cli("start", config)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
+        asked = time.monotonic()
         stopped = run_cli("stop", config)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    took = time.monotonic() - asked
+    python = python_start_s(config)  # what the command needs before it calls stop (slow on a busy machine)
+    print(f"make stop: every TorchServe process gone {took:.1f} s after the command ({python:.1f} s Python)")
+    assert took - python < STOPPED_WITHIN_S
     assert busy_ports(config) == []
     assert run_cli("status", config).returncode == 3
     logs = config.run_dir / "logs"
@@ -184,15 +220,22 @@ def test_cli_run_serves_in_the_foreground_until_sigterm(tmp_path, digit):
         assert process.poll() is None, "".join(lines)
         leader = psutil.Process(read_pid(config))
         family = [leader, *leader.children(recursive=True)]
-        response = httpx.post(f"{config.inference_url}/predictions/mnist", content=digit[0], timeout=30)
+        response = httpx.post(
+            f"{config.inference_url}/predictions/mnist", content=digit[0], headers=keyed(config), timeout=30
+        )
         assert response.status_code == 200 and response.json()["digit"] == digit[1]
         process.send_signal(signal.SIGTERM)
+        asked = time.monotonic()
         assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(family, timeout=60)
+        took = time.monotonic() - asked
     finally:
         if process.poll() is None:
             process.kill()
         stop(config)
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive and not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    print(f"serving run: every TorchServe process gone {took:.1f} s after SIGTERM")
+    assert took < STOPPED_WITHIN_S
     assert busy_ports(config) == [] and read_pid(config) is None
 
 
@@ -220,7 +263,9 @@ def test_a_frontend_without_the_model_is_model_loading_never_a_404(tmp_path):
         wait_api(config, timeout=120, pid=pid)
 
         async def ask() -> tuple[tuple[bool, str], Exception]:
-            client = InferenceClient(config.inference_url, config.model_name, config.management_url)
+            client = InferenceClient(
+                config.inference_url, config.model_name, config.management_url, key_file=config.key_file
+            )
             try:
                 readiness = await client.ready()
                 with pytest.raises(InferenceUnavailable) as info:
@@ -255,7 +300,8 @@ def test_describe_shows_the_registered_workers_and_batching(torchserve):
 
 def test_customized_describe_shows_the_handlers_contract(torchserve):
     url = f"{torchserve.management_url}/models/{torchserve.model_name}"
-    (model,) = httpx.get(url, params={"customized": "true"}, timeout=30).json()
+    headers = torchserve.management_headers()
+    (model,) = httpx.get(url, params={"customized": "true"}, headers=headers, timeout=30).json()
     meta = model["customizedMetadata"]
     assert meta["model_version"] == model["modelVersion"]
     assert meta["output"] == ["confidence", "digit", "input", "model_version", "probabilities"]
@@ -282,7 +328,8 @@ def test_health_command_exits_0_only_when_the_model_is_ready(torchserve):
 
 def test_scale_workers_down_and_up(torchserve, digit):
     configured = torchserve.config.workers
-    with ManagementClient(torchserve.management_url, torchserve.model_name) as client:
+    auth = torchserve.config.auth("management")
+    with ManagementClient(torchserve.management_url, torchserve.model_name, auth=auth) as client:
         version = describe(torchserve)[0]["modelVersion"]
         try:
             for count in (1, 3):
@@ -291,7 +338,13 @@ def test_scale_workers_down_and_up(torchserve, digit):
                 assert [w["status"] for w in workers] == ["READY"] * count
                 assert client.ready()
                 answers = [
-                    httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30) for _ in range(4)
+                    httpx.post(
+                        torchserve.predictions_url(),
+                        content=digit[0],
+                        headers=torchserve.inference_headers(),
+                        timeout=30,
+                    )
+                    for _ in range(4)
                 ]
                 assert all(a.status_code == 200 and a.json()["digit"] == digit[1] for a in answers)
         finally:
@@ -317,7 +370,10 @@ def build_version(torchserve, version: str) -> str:
 def test_register_a_second_version_and_call_it_by_version(torchserve, digit):
     """Through the management client: register, versions, set-default both ways, unregister."""
     mar = build_version(torchserve, "2.0-test")
-    client = ManagementClient(torchserve.management_url, torchserve.model_name)
+    client = ManagementClient(
+        torchserve.management_url, torchserve.model_name, auth=torchserve.config.auth("management")
+    )
+    keys = torchserve.inference_headers()
     default = describe(torchserve)[0]["modelVersion"]
     registered = client.register(
         mar, version="2.0-test", workers=1, batch_size=1, max_batch_delay_ms=0, timeout=180
@@ -326,15 +382,17 @@ def test_register_a_second_version_and_call_it_by_version(torchserve, digit):
     try:
         versions = {m["modelVersion"] for m in describe(torchserve, "all")}
         assert versions == {default, "2.0-test"} == {m["modelVersion"] for m in client.versions()}
-        by_version = httpx.post(torchserve.predictions_url("2.0-test"), content=digit[0], timeout=30)
+        by_version = httpx.post(
+            torchserve.predictions_url("2.0-test"), content=digit[0], headers=keys, timeout=30
+        )
         assert by_version.status_code == 200, by_version.text
         assert by_version.json()["model_version"] == "2.0-test" and by_version.json()["digit"] == digit[1]
-        plain = httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30)
+        plain = httpx.post(torchserve.predictions_url(), content=digit[0], headers=keys, timeout=30)
         assert plain.json()["model_version"] == default  # the default version is unchanged
         client.set_default("2.0-test")
         try:
             assert client.describe()[0]["modelVersion"] == "2.0-test" and client.ready()
-            plain = httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30)
+            plain = httpx.post(torchserve.predictions_url(), content=digit[0], headers=keys, timeout=30)
             assert plain.json()["model_version"] == "2.0-test"
         finally:
             client.set_default(default)
@@ -364,5 +422,8 @@ def test_metrics_are_prometheus_text_and_count_requests(torchserve, digit):
     assert "# TYPE ts_inference_requests_total counter" in text
     before = inference_requests_total(torchserve)
     for _ in range(3):
-        assert httpx.post(torchserve.predictions_url(), content=digit[0], timeout=30).status_code == 200
+        answer = httpx.post(
+            torchserve.predictions_url(), content=digit[0], headers=torchserve.inference_headers(), timeout=30
+        )
+        assert answer.status_code == 200
     assert inference_requests_total(torchserve) >= before + 3

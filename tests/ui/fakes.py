@@ -15,16 +15,20 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from db.errors import DatabaseUnavailable, PredictionNotFound
+from db.errors import DatabaseUnavailable, Forbidden, PredictionNotFound
 from db.records import (
     LabelledRow,
     NewPrediction,
+    Only,
     PoolHealth,
     PredictionRow,
-    validate_label,
+    validate_choice,
+    validate_id,
+    validate_only,
     validate_prediction,
+    validate_token_hash,
 )
-from db.stats import Stats, compute_stats
+from db.stats import NOT_A_DIGIT, Stats, compute_stats
 from handlers.preprocess import PreprocessError, preprocess
 from ui.service import PredictionStore
 
@@ -83,10 +87,17 @@ class FakeModel:
 
 @dataclass
 class FakeStore:
-    """The `ui.service.PredictionStore` interface in memory, with a switch to play 'database down'."""
+    """The `ui.service.PredictionStore` interface in memory, with a switch to play 'database down'.
+
+    `rows`: id -> (prediction, true label, time); the ids of not-a-digit rows are in `not_a_digit`,
+    the token hash of each row in `token_hashes` (replaced by `replace_label_token`).
+    """
 
     down: bool = False
     rows: dict[int, tuple[NewPrediction, int | None, datetime]] = field(default_factory=dict)
+    not_a_digit: set[int] = field(default_factory=set)
+    token_hashes: dict[int, str | None] = field(default_factory=dict)
+    last_id: int = 0
     pool: PoolHealth = field(
         default_factory=lambda: PoolHealth(size=1, idle=1, waiting=0, exhausted_for_s=0.0)
     )
@@ -107,27 +118,66 @@ class FakeStore:
         for i, (stored, _, _) in self.rows.items():
             if p.key is not None and stored.key == p.key:
                 return i  # a known key: the first row's id, nothing stored
-        new_id = len(self.rows) + 1
-        self.rows[new_id] = (p, None, p.created_at or datetime.now(UTC))
-        return new_id
+        self.last_id += 1  # ids are never reused, also after a deletion
+        self.rows[self.last_id] = (p, None, p.created_at or datetime.now(UTC))
+        self.token_hashes[self.last_id] = p.label_token_hash
+        return self.last_id
 
     async def find_by_key(self, key: str) -> PredictionRow | None:
         self._check()
         await asyncio.sleep(0)  # a query: other requests run meanwhile
         return next((self._row(i) for i, (p, _, _) in self.rows.items() if p.key == key), None)
 
-    async def set_label(self, prediction_id: int, label: int) -> None:
-        label = validate_label(label)
-        self._check()
+    def _allow(self, prediction_id: int, token_hash: str | None) -> None:
+        """The store's rule: the row must exist, and have this token hash when one is given."""
+        validate_id(prediction_id)
         if prediction_id not in self.rows:
             raise PredictionNotFound(f"no prediction with id {prediction_id}")
+        if token_hash is not None and self.token_hashes.get(prediction_id) != token_hash:
+            raise Forbidden(f"the label token does not match prediction {prediction_id}")
+
+    async def set_label(
+        self,
+        prediction_id: int,
+        label: int | None,
+        *,
+        not_a_digit: bool = False,
+        token_hash: str | None = None,
+    ) -> None:
+        label = validate_choice(label, not_a_digit)
+        self._check()
+        self._allow(prediction_id, token_hash)
         p, _, at = self.rows[prediction_id]
         self.rows[prediction_id] = (p, label, at)
+        if label is None:
+            self.not_a_digit.add(prediction_id)
+        else:
+            self.not_a_digit.discard(prediction_id)
 
-    async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]:
+    async def delete(self, prediction_id: int, *, token_hash: str | None = None) -> None:
         self._check()
-        ids = sorted((i for i in self.rows if before_id is None or i < before_id), reverse=True)[:limit]
-        return [self._row(i) for i in ids]
+        self._allow(prediction_id, token_hash)
+        del self.rows[prediction_id]
+        self.not_a_digit.discard(prediction_id)
+        self.token_hashes.pop(prediction_id, None)
+
+    async def replace_label_token(self, prediction_id: int, token_hash: str) -> None:
+        self._check()
+        self._allow(prediction_id, None)
+        self.token_hashes[prediction_id] = validate_token_hash(token_hash)
+
+    async def recent(
+        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+    ) -> list[PredictionRow]:
+        self._check()
+        keep = {
+            "all": lambda row: True,
+            "wrong": lambda row: row.correct is False,
+            "unlabelled": lambda row: row.true_label is None and not row.not_a_digit,
+            "not_a_digit": lambda row: row.not_a_digit,
+        }[validate_only(only)]
+        ids = sorted((i for i in self.rows if before_id is None or i < before_id), reverse=True)
+        return [row for row in map(self._row, ids) if keep(row)][:limit]
 
     def _row(self, i: int) -> PredictionRow:
         p, label, at = self.rows[i]
@@ -141,7 +191,8 @@ class FakeStore:
             p.model_version,
             p.latency_ms,
             label,
-            at if label is not None else None,
+            at if label is not None or i in self.not_a_digit else None,
+            i in self.not_a_digit,
         )
 
     async def image_png(self, prediction_id: int) -> bytes:
@@ -152,7 +203,10 @@ class FakeStore:
 
     async def stats(self) -> Stats:
         self._check()
-        return compute_stats((p.model_version, label, p.digit, 1) for p, label, _ in self.rows.values())
+        return compute_stats(
+            (p.model_version, NOT_A_DIGIT if i in self.not_a_digit else label, p.digit, 1)
+            for i, (p, label, _) in self.rows.items()
+        )
 
     async def labelled(self, batch_size: int = 500) -> AsyncIterator[LabelledRow]:
         self._check()

@@ -8,16 +8,29 @@ import io
 import zipfile
 from typing import Any
 
+import httpx
 from PIL import Image
 
 from tests.ui.conftest import Simulated
 from tests.ui.fakes import digit_png
+
+PNG = {"content-type": "image/png"}
 
 
 async def post_png(sim: Simulated, png: bytes) -> dict:
     response = await sim.client.post("/api/predictions", content=png, headers={"content-type": "image/png"})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def owner(body: dict) -> dict[str, str]:
+    """The header that makes a request the drawing's owner's."""
+    return {"X-Label-Token": body["label_token"]}
+
+
+async def put_label(sim: Simulated, body: dict, label: dict[str, Any]) -> httpx.Response:
+    """Label a drawing the test posted (`body`: its POST answer), with its own token."""
+    return await sim.client.put(f"/api/predictions/{body['id']}/label", json=label, headers=owner(body))
 
 
 async def test_post_image_body_is_predicted_and_stored(sim_db: Simulated) -> None:
@@ -60,31 +73,37 @@ async def test_bad_input_gets_clear_4xx_and_nothing_stored(sim_db: Simulated) ->
 
 async def test_model_server_down_is_503(sim_db: Simulated) -> None:
     sim_db.model.down = True
-    response = await sim_db.client.post("/api/predictions", content=digit_png("one"))
+    response = await sim_db.client.post("/api/predictions", content=digit_png("one"), headers=PNG)
     assert response.status_code == 503
     assert "not reachable" in response.json()["detail"]
 
 
 async def test_label_roundtrip_and_errors(sim_db: Simulated) -> None:
-    prediction_id = (await post_png(sim_db, digit_png("one")))["id"]
-    response = await sim_db.client.put(f"/api/predictions/{prediction_id}/label", json={"label": 7})
-    assert response.status_code == 200 and response.json() == {
+    posted = await post_png(sim_db, digit_png("one"))
+    prediction_id = posted["id"]
+    response = await put_label(sim_db, posted, {"label": 7})
+    assert response.status_code == 200, response.text
+    assert response.json() == {
         "id": prediction_id,
         "label": 7,
+        "not_a_digit": False,
         "stored": True,
     }
     assert (await sim_db.store.get(prediction_id)).true_label == 7
     for bad in (10, -1, "7", 7.5, None, True):
-        response = await sim_db.client.put(f"/api/predictions/{prediction_id}/label", json={"label": bad})
+        response = await put_label(sim_db, posted, {"label": bad})
         assert response.status_code == 422, bad
-    response = await sim_db.client.put("/api/predictions/999999/label", json={"label": 3})
+    response = await sim_db.client.put(
+        "/api/predictions/999999/label", json={"label": 3}, headers=owner(posted)
+    )
     assert response.status_code == 404 and "999999" in response.json()["detail"]
     assert (await sim_db.store.get(prediction_id)).true_label == 7
 
 
 async def test_history_is_paginated_newest_first(sim_db: Simulated) -> None:
-    ids = [(await post_png(sim_db, digit_png(kind)))["id"] for kind in ("one", "zero", "one")]
-    await sim_db.client.put(f"/api/predictions/{ids[1]}/label", json={"label": 6})
+    posted = [await post_png(sim_db, digit_png(kind)) for kind in ("one", "zero", "one")]
+    ids = [body["id"] for body in posted]
+    assert (await put_label(sim_db, posted[1], {"label": 6})).status_code == 200
     first = (await sim_db.client.get("/api/predictions", params={"limit": 2})).json()
     assert [item["id"] for item in first["items"]] == [ids[2], ids[1]]
     assert first["items"][1]["true_label"] == 6 and first["items"][1]["correct"] is False
@@ -99,11 +118,11 @@ async def test_history_is_paginated_newest_first(sim_db: Simulated) -> None:
 
 
 async def test_stats_and_export(sim_db: Simulated) -> None:
-    a = (await post_png(sim_db, digit_png("one")))["id"]
-    b = (await post_png(sim_db, digit_png("zero")))["id"]
+    a = await post_png(sim_db, digit_png("one"))
+    b = await post_png(sim_db, digit_png("zero"))
     await post_png(sim_db, digit_png("one"))
-    await sim_db.client.put(f"/api/predictions/{a}/label", json={"label": 1})
-    await sim_db.client.put(f"/api/predictions/{b}/label", json={"label": 8})
+    assert (await put_label(sim_db, a, {"label": 1})).status_code == 200
+    assert (await put_label(sim_db, b, {"label": 8})).status_code == 200
     stats = (await sim_db.client.get("/api/stats")).json()
     assert (stats["total"], stats["labelled"], stats["accuracy"]) == (3, 2, 0.5)
     assert stats["confusion"][1][1] == 1 and stats["confusion"][8][0] == 1
@@ -119,7 +138,7 @@ async def test_stats_and_export(sim_db: Simulated) -> None:
 async def test_database_down_prediction_kept_then_stored(sim_db: Simulated, postgres) -> None:
     postgres.stop()
     try:
-        response = await sim_db.client.post("/api/predictions", content=digit_png("zero"))
+        response = await sim_db.client.post("/api/predictions", content=digit_png("zero"), headers=PNG)
         assert response.status_code == 202, response.text
         body = response.json()
         assert body["stored"] is False and body["id"] is None and body["digit"] == 0
@@ -161,9 +180,9 @@ async def test_health_and_metrics(sim_db: Simulated) -> None:
     assert (await sim_db.client.get("/healthz")).json() == {"status": "ok"}
     ready = await sim_db.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
-    prediction_id = (await post_png(sim_db, digit_png("one")))["id"]
-    await sim_db.client.put(f"/api/predictions/{prediction_id}/label", json={"label": 1})
-    await sim_db.client.post("/api/predictions", content=b"not an image")
+    posted = await post_png(sim_db, digit_png("one"))
+    assert (await put_label(sim_db, posted, {"label": 1})).status_code == 200
+    await sim_db.client.post("/api/predictions", content=b"not an image", headers=PNG)
     after = (
         value("digit_ui_predictions_total", model_version="1.0", stored="true"),
         value("digit_ui_errors_total", kind="invalid_input"),
@@ -187,7 +206,7 @@ async def test_idempotency_key_retry_of_a_stored_prediction(sim_db: Simulated) -
     assert first.status_code == again.status_code == 201, (first.text, again.text)
     assert again.json() == first.json() and await count_rows(sim_db) == 1
     other = await sim_db.client.post(
-        "/api/predictions", content=digit_png("one"), headers={"Idempotency-Key": "x"}
+        "/api/predictions", content=digit_png("one"), headers={**PNG, "Idempotency-Key": "x"}
     )
     assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
     assert await count_rows(sim_db) == 2
@@ -215,11 +234,11 @@ async def test_idempotency_key_retry_of_a_queued_prediction(sim_db: Simulated, p
 
 async def test_idempotency_key_longer_than_200_is_400(sim: Simulated) -> None:
     ok = await sim.client.post(
-        "/api/predictions", content=digit_png("one"), headers={"Idempotency-Key": "k" * 200}
+        "/api/predictions", content=digit_png("one"), headers={**PNG, "Idempotency-Key": "k" * 200}
     )
     assert ok.status_code == 201
     response = await sim.client.post(
-        "/api/predictions", content=digit_png("one"), headers={"Idempotency-Key": "k" * 201}
+        "/api/predictions", content=digit_png("one"), headers={**PNG, "Idempotency-Key": "k" * 201}
     )
     assert response.status_code == 400 and "Idempotency-Key" in response.json()["detail"]
     assert len(sim.store.rows) == 1
@@ -228,11 +247,13 @@ async def test_idempotency_key_longer_than_200_is_400(sim: Simulated) -> None:
 async def test_outbox_full_is_a_503_not_a_promise(sim: Simulated) -> None:
     sim.store.down = True
     sim.service.outbox.journal.max_bytes = 1_000  # less than one record
-    response = await sim.client.post("/api/predictions", content=digit_png("one"))
+    response = await sim.client.post("/api/predictions", content=digit_png("one"), headers=PNG)
     assert response.status_code == 503, response.text
     assert "full" in response.json()["detail"] and sim.service.waiting == 0
     sim.service.outbox.journal.max_bytes = 10  # less than one label
-    response = await sim.client.put("/api/predictions/1/label", json={"label": 3})
+    response = await sim.client.put(
+        "/api/predictions/1/label", json={"label": 3}, headers={"X-Label-Token": "any token"}
+    )
     assert response.status_code == 503 and "full" in response.json()["detail"] and sim.service.waiting == 0
 
 
@@ -250,3 +271,297 @@ async def test_readyz_names_the_part_not_ready(sim: Simulated) -> None:
     sim.model.down = True
     body = (await sim.client.get("/readyz")).json()
     assert not body["ready"] and not body["model"]["ready"] and body["pool"]["ready"]
+
+
+# -- who may label and delete (issue 17) -----------------------------------------------------------------
+ADMIN = "operator-token-for-the-tests"
+
+
+def operator() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+async def test_label_token_rules(sim_db: Simulated) -> None:
+    sim_db.service.admin_token = ADMIN  # as ADMIN_TOKEN would set it
+    mine = await post_png(sim_db, digit_png("one"))
+    theirs = await post_png(sim_db, digit_png("zero"))
+    assert len(mine["label_token"]) == 32 and mine["label_token"] != theirs["label_token"]
+    url = f"/api/predictions/{mine['id']}/label"
+    refused = [
+        ({}, 403),  # missing
+        ({"X-Label-Token": ""}, 403),
+        ({"X-Label-Token": "wrong"}, 403),
+        (owner(theirs), 403),  # another row's token
+        ({"Authorization": "Bearer wrong"}, 401),
+        ({"Authorization": ADMIN}, 401),  # not a bearer
+        ({"Authorization": "Bearer wrong", **owner(mine)}, 401),  # a wrong operator token is not ignored
+    ]
+    for headers, status in refused:
+        response = await sim_db.client.put(url, json={"label": 5}, headers=headers)
+        assert response.status_code == status, (headers, response.text)
+        assert isinstance(response.json()["detail"], str)
+    assert (await sim_db.store.get(mine["id"])).true_label is None
+    assert (await sim_db.client.put(url, json={"label": 5}, headers=owner(mine))).status_code == 200
+    assert (await sim_db.client.put(url, json={"label": 6}, headers=operator())).status_code == 200
+    assert (await sim_db.store.get(mine["id"])).true_label == 6
+    unknown = await sim_db.client.put("/api/predictions/999999/label", json={"label": 1}, headers=operator())
+    assert unknown.status_code == 404
+    # A deleted row: 404, with its own token as with the operator's.
+    assert (
+        await sim_db.client.delete(f"/api/predictions/{mine['id']}", headers=owner(mine))
+    ).status_code == 204
+    for headers in (owner(mine), operator()):
+        assert (await sim_db.client.put(url, json={"label": 1}, headers=headers)).status_code == 404
+        assert (
+            await sim_db.client.delete(f"/api/predictions/{mine['id']}", headers=headers)
+        ).status_code == 404
+
+
+async def test_no_operator_when_admin_token_is_unset(sim_db: Simulated) -> None:
+    posted = await post_png(sim_db, digit_png("one"))
+    response = await sim_db.client.put(
+        f"/api/predictions/{posted['id']}/label", json={"label": 1}, headers={"Authorization": "Bearer "}
+    )
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_not_a_digit_label_and_statistics(sim_db: Simulated) -> None:
+    a, b, c = [await post_png(sim_db, digit_png(kind)) for kind in ("one", "zero", "one")]
+    response = await put_label(sim_db, a, {"label": None, "not_a_digit": True})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"id": a["id"], "label": None, "not_a_digit": True, "stored": True}
+    assert (await put_label(sim_db, b, {"label": 0})).status_code == 200
+    assert (await put_label(sim_db, c, {"label": 7, "not_a_digit": False})).status_code == 200
+    for bad in (
+        {"label": 6.0},
+        {"label": None},
+        {"label": 3, "not_a_digit": True},
+        {},
+        {"not_a_digit": True},
+    ):
+        response = await put_label(sim_db, b, bad)
+        assert response.status_code == 422, (bad, response.text)
+    for bad_flag in ("yes", 1, None):
+        response = await put_label(sim_db, b, {"label": None, "not_a_digit": bad_flag})
+        assert response.status_code == 422, (bad_flag, response.text)
+    stats = (await sim_db.client.get("/api/stats")).json()
+    assert (stats["total"], stats["labelled"], stats["correct"], stats["not_a_digit"]) == (3, 2, 1, 1)
+    assert stats["accuracy"] == 0.5 and sum(map(sum, stats["confusion"])) == 2
+    assert stats["by_version"]["1.0"]["not_a_digit"] == 1
+    row = await sim_db.store.get(a["id"])
+    assert row.not_a_digit and row.true_label is None
+    items = (await sim_db.client.get("/api/predictions")).json()["items"]
+    assert [(i["id"], i["not_a_digit"], i["true_label"], i["correct"]) for i in items] == [
+        (c["id"], False, 7, False),
+        (b["id"], False, 0, True),
+        (a["id"], True, None, None),
+    ]
+    export = zipfile.ZipFile(io.BytesIO((await sim_db.client.get("/api/export")).content))
+    assert sum(name.endswith(".png") for name in export.namelist()) == 2  # never exported as a digit
+
+
+async def test_history_filters(sim_db: Simulated) -> None:
+    posted = [await post_png(sim_db, digit_png(kind)) for kind in ("one", "zero", "one", "zero", "one")]
+    ids = [p["id"] for p in posted]
+    await put_label(sim_db, posted[0], {"label": 1})  # right
+    await put_label(sim_db, posted[1], {"label": 6})  # wrong
+    await put_label(sim_db, posted[2], {"label": None, "not_a_digit": True})
+    await put_label(sim_db, posted[3], {"label": 9})  # wrong
+
+    async def listed(**params: Any) -> list[int]:
+        response = await sim_db.client.get("/api/predictions", params=params)
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    assert await listed() == await listed(only="all") == ids[::-1]
+    assert await listed(only="wrong") == [ids[3], ids[1]]
+    assert await listed(only="wrong", limit=1, before_id=ids[3]) == [ids[1]]
+    assert await listed(only="not_a_digit") == [ids[2]]
+    assert await listed(only="unlabelled") == [ids[4]]
+    response = await sim_db.client.get("/api/predictions", params={"only": "mine"})
+    assert response.status_code == 422
+
+
+async def test_delete_removes_the_row_and_its_drawing(sim_db: Simulated, db_url: str) -> None:
+    import psycopg
+
+    sim_db.service.admin_token = ADMIN
+    a, b, c = [await post_png(sim_db, digit_png(kind)) for kind in ("one", "zero", "one")]
+    await put_label(sim_db, a, {"label": 1})
+    await put_label(sim_db, b, {"label": None, "not_a_digit": True})
+    for headers, status in [
+        ({}, 403),
+        ({"X-Label-Token": "x"}, 403),
+        (owner(b), 403),
+        ({"Authorization": "x"}, 401),
+    ]:
+        response = await sim_db.client.delete(f"/api/predictions/{a['id']}", headers=headers)
+        assert response.status_code == status, (headers, response.text)
+    response = await sim_db.client.delete(f"/api/predictions/{a['id']}", headers=owner(a))
+    assert response.status_code == 204 and response.content == b""
+    assert (await sim_db.client.get(f"/api/predictions/{a['id']}/image.png")).status_code == 404
+    assert (await sim_db.client.delete(f"/api/predictions/{b['id']}", headers=operator())).status_code == 204
+    assert [item["id"] for item in (await sim_db.client.get("/api/predictions")).json()["items"]] == [c["id"]]
+    stats = (await sim_db.client.get("/api/stats")).json()  # the counters took the deleted rows back
+    assert (stats["total"], stats["labelled"], stats["not_a_digit"], stats["accuracy"]) == (1, 0, 0, None)
+    assert stats["per_digit"][1]["predicted"] == 1 and stats["per_digit"][0]["predicted"] == 0
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM prediction_images").fetchone() == (1,)
+
+
+async def test_delete_while_the_database_is_down_is_503(sim_db: Simulated, postgres) -> None:
+    posted = await post_png(sim_db, digit_png("one"))
+    postgres.stop()
+    try:
+        response = await sim_db.client.delete(f"/api/predictions/{posted['id']}", headers=owner(posted))
+        assert response.status_code == 503 and "unreachable" in response.json()["detail"]
+    finally:
+        postgres.start()
+    assert (await sim_db.store.get(posted["id"])).id == posted["id"]  # nothing was deleted
+    response = await sim_db.client.delete(f"/api/predictions/{posted['id']}", headers=owner(posted))
+    assert response.status_code == 204
+
+
+async def test_a_queued_prediction_is_labelled_with_its_token_after_the_flush(
+    sim_db: Simulated, postgres
+) -> None:
+    postgres.stop()
+    try:
+        response = await sim_db.client.post("/api/predictions", content=digit_png("zero"), headers=PNG)
+        assert response.status_code == 202 and response.json()["id"] is None
+        token = response.json()["label_token"]
+    finally:
+        postgres.start()
+    for _ in range(200):
+        if not sim_db.service.waiting:
+            break
+        await asyncio.sleep(0.05)
+    (item,) = (await sim_db.client.get("/api/predictions")).json()["items"]
+    url = f"/api/predictions/{item['id']}/label"
+    assert (
+        await sim_db.client.put(url, json={"label": 0}, headers={"X-Label-Token": "x"})
+    ).status_code == 403
+    response = await sim_db.client.put(url, json={"label": 0}, headers={"X-Label-Token": token})
+    assert response.status_code == 200, response.text
+    assert (await sim_db.store.get(item["id"])).true_label == 0
+
+
+async def test_a_label_queued_while_down_is_checked_when_stored(sim_db: Simulated, postgres) -> None:
+    posted = await post_png(sim_db, digit_png("one"))
+    url = f"/api/predictions/{posted['id']}/label"
+    postgres.stop()
+    try:
+        guessed = await sim_db.client.put(url, json={"label": 8}, headers={"X-Label-Token": "a guess"})
+        assert guessed.status_code == 202 and guessed.json()["stored"] is False  # durably kept
+    finally:
+        postgres.start()
+    for _ in range(200):
+        if not sim_db.service.waiting:
+            break
+        await asyncio.sleep(0.05)
+    assert sim_db.service.waiting == 0 and (await sim_db.store.get(posted["id"])).true_label is None
+
+
+async def test_the_500_row_relabel_attack_fails_with_403s(sim_db: Simulated) -> None:
+    """The issue's attack: 500 rows relabelled by their sequential ids took the accuracy to 8.7%."""
+    from db.records import token_hash
+    from tests.db.samples import prediction
+
+    ids = await asyncio.gather(
+        *(
+            sim_db.store.record_prediction(
+                prediction(digit=i % 10, seed=i, label_token_hash=token_hash(f"t{i}"))
+            )
+            for i in range(500)
+        )
+    )
+    for i, pid in enumerate(ids):
+        await sim_db.store.set_label(pid, i % 10)
+    assert (await sim_db.client.get("/api/stats")).json()["accuracy"] == 1.0
+    statuses = await asyncio.gather(
+        *(
+            sim_db.client.put(f"/api/predictions/{pid}/label", json={"label": (i + 1) % 10}, headers=headers)
+            for i, pid in enumerate(ids)
+            for headers in ({}, {"X-Label-Token": f"t{i + 1}"})  # no token, and the next row's token
+        )
+    )
+    assert {r.status_code for r in statuses} == {403}
+    stats = (await sim_db.client.get("/api/stats")).json()
+    assert (stats["labelled"], stats["accuracy"]) == (500, 1.0)
+
+
+async def test_openapi_documents_tokens_and_errors(sim_db: Simulated) -> None:
+    spec = (await sim_db.client.get("/openapi.json")).json()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+    label, delete = (
+        paths["/api/predictions/{prediction_id}/label"]["put"],
+        paths["/api/predictions/{prediction_id}"]["delete"],
+    )
+    for operation in (label, delete):
+        for status in ("401", "403", "404", "503"):
+            assert operation["responses"][status]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorOut"
+            }, status
+        assert {"label token", "operator"} <= {name for s in operation["security"] for name in s}
+    assert label["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "HTTPValidationError"
+    )
+    assert {"label", "not_a_digit"} <= set(schemas["LabelIn"]["properties"])
+    assert "label_token" in schemas["PredictionOut"]["required"]
+    assert "not_a_digit" in schemas["HistoryItem"]["properties"]
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["label token"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Label-Token",
+        "description": schemes["label token"]["description"],
+    }
+    assert schemes["operator"]["scheme"] == "bearer"
+    assert "only" in [p["name"] for p in paths["/api/predictions"]["get"]["parameters"]]
+
+
+async def test_jpeg_and_webp_are_stored_as_png_and_other_formats_refused(sim_db: Simulated) -> None:
+    """The issue: a JPEG was answered 202 and dropped for good (the store takes only PNG)."""
+    drawing = Image.open(io.BytesIO(digit_png("zero"))).convert("RGB")
+    for fmt, content_type in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+        out = io.BytesIO()
+        drawing.save(out, format=fmt)
+        response = await sim_db.client.post(
+            "/api/predictions", content=out.getvalue(), headers={"content-type": content_type}
+        )
+        assert response.status_code == 201, response.text
+        stored = await sim_db.store.image_png(response.json()["id"])
+        assert stored.startswith(b"\x89PNG\r\n\x1a\n")
+        assert Image.open(io.BytesIO(stored)).size == drawing.size and response.json()["digit"] == 0
+    for fmt in ("GIF", "BMP", "TIFF"):
+        out = io.BytesIO()
+        drawing.save(out, format=fmt)
+        response = await sim_db.client.post("/api/predictions", content=out.getvalue(), headers=PNG)
+        assert response.status_code == 415 and fmt in response.json()["detail"]
+    for content_type in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ):
+        response = await sim_db.client.post(
+            "/api/predictions", content=digit_png("one"), headers={"content-type": content_type}
+        )
+        assert response.status_code == 415 and "Content-Type" in response.json()["detail"]
+    assert (await sim_db.store.stats()).total == 2
+
+
+async def test_the_issues_three_500s_are_4xx(sim_db: Simulated) -> None:
+    posted = await post_png(sim_db, digit_png("one"))
+    nested = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = await sim_db.client.post(
+        "/api/predictions", content=nested, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "nested" in response.json()["detail"]
+    for body in (b'{"label": 1e400}', b'{"label": NaN}'):
+        response = await sim_db.client.put(
+            f"/api/predictions/{posted['id']}/label",
+            content=body,
+            headers={**owner(posted), "content-type": "application/json"},
+        )
+        assert response.status_code == 422 and response.json()["detail"], response.text

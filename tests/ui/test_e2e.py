@@ -10,55 +10,18 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from tests.ui.live import CHROMIUM, CHROMIUM_ARGS, RunningApp, TcpProxy, run_app
+from tests.ui import live
+from tests.ui.live import RunningApp, TcpProxy, draw_with_mouse, stroke_count, wait_strokes
+
+# This module's fixtures (module-scoped: its own app on the session's TorchServe and PostgreSQL).
+browser, model_proxy, database, app = live.browser, live.model_proxy, live.database, live.app
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: `make test` installs Debian's chromium (scripts/system-deps.sh)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture(scope="module")
-def model_proxy(torchserve) -> Iterator[TcpProxy]:
-    target = urlsplit(torchserve.inference_url)
-    proxy = TcpProxy(target.hostname, target.port)
-    proxy.start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(scope="module")
-def database(postgres) -> Iterator[str]:
-    """A fresh empty database: `python -m stack` applies the migrations."""
-    url = postgres.create_database()
-    yield url
-    postgres.drop_database(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, torchserve, model_proxy: TcpProxy, database: str) -> Iterator[RunningApp]:
-    env = {
-        "DATABASE_URL": database,
-        "INFERENCE_URL": model_proxy.url,
-        "MANAGEMENT_URL": torchserve.management_url,
-        "METRICS_URL": torchserve.metrics_url,
-    }
-    with run_app(tmp_path_factory.mktemp("ui"), "--no-torchserve", **env) as running:
-        yield running
 
 
 @pytest.fixture
@@ -73,20 +36,7 @@ def page(browser: Browser, app: RunningApp) -> Iterator[Page]:
 
 def draw_one(page: Page) -> None:
     """A vertical stroke with the mouse: a 1."""
-    box = page.get_by_test_id("digit-canvas").bounding_box()
-    assert box is not None
-    x = box["x"] + box["width"] / 2
-    page.mouse.move(x, box["y"] + box["height"] * 0.2)
-    page.mouse.down()
-    page.mouse.move(x + 4, box["y"] + box["height"] * 0.8, steps=20)
-    page.mouse.up()
-
-
-def stroke_count(page: Page) -> int:
-    return page.evaluate(
-        "() => document.querySelector('[data-testid=digit-canvas]').__vueParentComponent"
-        "?.ctx?.strokes?.length ?? -1"
-    )
+    draw_with_mouse(page)
 
 
 def saved_id(page: Page) -> int:
@@ -130,12 +80,75 @@ def test_keyboard_and_undo(page: Page, database: str) -> None:
     expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)  # live preview after undo
     page.keyboard.press("Enter")
     prediction_id = saved_id(page)
-    page.keyboard.press("1")
-    page.keyboard.press("Enter")
-    expect(page.get_by_test_id("status")).to_contain_text("true label 1")
+    page.keyboard.press("1")  # one key: the label is recorded and the canvas cleared for the next drawing
+    expect(page.get_by_test_id("toast")).to_have_text("Saved: it was a 1 (the model was right).")
     assert row(database, prediction_id) == (1, 1)
+    expect(page.get_by_text("Draw a digit and press Predict.")).to_be_visible()
+    wait_strokes(page, 0)
+    draw_one(page)
+    wait_strokes(page, 1)
     page.keyboard.press("Escape")
     expect(page.get_by_text("Draw a digit and press Predict.")).to_be_visible()
+    wait_strokes(page, 0)
+
+
+def test_backspace_and_ctrl_z_undo_in_the_browser(page: Page) -> None:
+    page.get_by_test_id("live").click()  # no live preview: only the strokes matter here
+    draw_one(page)
+    draw_one(page)
+    draw_one(page)
+    wait_strokes(page, 3)
+    page.keyboard.press("Backspace")
+    wait_strokes(page, 2)
+    page.keyboard.press("Control+z")
+    wait_strokes(page, 1)
+    page.keyboard.press("Enter")  # predicts what is left
+    expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)
+    page.keyboard.press("Enter")  # nothing chosen: records nothing
+    expect(page.get_by_test_id("toast")).to_contain_text("Pick first")
+    assert stroke_count(page) == 1
+
+
+def test_a_drawing_in_progress_survives_a_reload(page: Page) -> None:
+    draw_one(page)
+    expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)  # the live preview
+    page.reload()
+    expect(page.get_by_test_id("digit-canvas")).to_be_visible()
+    wait_strokes(page, 1)
+    expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)  # sent again: previewed
+    page.get_by_test_id("predict").click()
+    saved_id(page)
+
+
+def test_reconnecting_is_shown_and_the_drawing_kept(page: Page) -> None:
+    draw_one(page)
+    expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)
+    popup = page.locator("#popup")
+    expect(popup).to_be_hidden()
+    page.evaluate("() => window.socket.disconnect()")  # as when the server goes away
+    expect(popup).to_be_visible(timeout=5_000)
+    expect(popup).to_contain_text("Trying to reconnect")
+    assert popup.evaluate("el => getComputedStyle(el).top") == "0px"  # a banner across the top
+    page.wait_for_timeout(4_000)  # longer than NiceGUI's reconnect timeout: the server drops the tab
+    with page.expect_navigation(timeout=15_000):  # the reconnect finds no tab: NiceGUI reloads the page
+        page.evaluate("() => window.socket.connect()")
+    expect(page.get_by_test_id("digit-canvas")).to_be_visible()
+    wait_strokes(page, 1)
+    expect(popup).to_be_hidden(timeout=10_000)
+    expect(page.get_by_test_id("digit")).to_have_text("1", timeout=10_000)
+
+
+def test_dark_mode_is_remembered_and_charts_follow_it(page: Page) -> None:
+    page.get_by_test_id("dark").click()
+    expect(page.locator("body.body--dark")).to_have_count(1)
+    page.reload()
+    expect(page.locator("body.body--dark")).to_have_count(1, timeout=10_000)
+    page.get_by_role("tab", name="Statistics").click()
+    chart = page.locator(".chart canvas").last
+    expect(chart).to_be_visible(timeout=10_000)
+    assert "invert(1)" in chart.evaluate("el => getComputedStyle(el).filter")
+    page.get_by_test_id("dark").click()
+    expect(page.locator("body.body--light")).to_have_count(1)
 
 
 def test_empty_canvas_gives_a_message(page: Page) -> None:
@@ -211,3 +224,25 @@ def test_drawing_with_a_finger(browser: Browser, app: RunningApp) -> None:
         expect(page.get_by_test_id("status")).to_contain_text("saved as #", timeout=10_000)
     finally:
         context.close()
+
+
+def test_own_drawing_relabelled_and_deleted_from_the_history(page: Page, database: str) -> None:
+    draw_one(page)
+    page.keyboard.press("Enter")
+    prediction_id = saved_id(page)
+    page.keyboard.press("n")  # not a digit, and on to the next drawing
+    expect(page.get_by_test_id("toast")).to_have_text("Saved: not a digit.")
+    line = page.get_by_test_id("history-row").filter(has=page.get_by_text(f"#{prediction_id}", exact=True))
+    expect(line).to_contain_text("not a digit")
+    line.get_by_test_id("history-edit").click()
+    page.get_by_test_id("edit-5").click()
+    expect(line).to_contain_text("true 5", timeout=10_000)
+    assert row(database, prediction_id) == (1, 5)
+    line.get_by_test_id("history-delete").click()
+    page.get_by_test_id("confirm-delete").click()
+    expect(page.get_by_test_id("toast")).to_have_text(f"Drawing #{prediction_id} deleted.")
+    expect(line).to_have_count(0, timeout=10_000)
+    with psycopg.connect(database) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM predictions WHERE id = %s", (prediction_id,)
+        ).fetchone() == (0,)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from serving.keys import key_file_of
+from settings import Settings
+from tests.serving.test_keys import REFUSED, write_keys
 from tests.ui.fakes import FakeModel, digit_png
 from ui.inference import InferenceClient, InferenceUnavailable, InvalidInput
 
@@ -154,3 +158,56 @@ async def test_ready_when_the_management_api_is_down() -> None:
     ready, detail = await client.ready()
     assert not ready and "not reachable (ConnectError)" in detail
     await client.close()
+
+
+async def test_the_inference_key_goes_with_the_whole_image_and_the_management_key_with_readiness(
+    tmp_path: Path,
+) -> None:
+    """What the UI forwards: the full body with its exact length (never a short body), and the keys."""
+    keys = write_keys(tmp_path / "key_file.json", "m-key", "i-key")
+    seen: list[httpx.Request] = []
+
+    def torchserve(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path.startswith("/models/"):
+            return httpx.Response(200, json=[{"workers": [{"status": "READY"}]}])
+        return httpx.Response(200, json=answer())
+
+    transport = httpx.MockTransport(torchserve)
+    client = InferenceClient("http://ts.test", "mnist", "http://m.test", transport=transport, key_file=keys)
+    image = digit_png("zero")
+    assert (await client.predict(image)).digit == 3
+    assert (await client.ready())[0]
+    await client.close()
+    predict, ready = seen
+    assert predict.headers["Authorization"] == "Bearer i-key"
+    assert ready.headers["Authorization"] == "Bearer m-key"
+    assert predict.headers["Content-Length"] == str(len(image)) and predict.content == image
+
+
+async def test_a_refused_key_is_the_model_server_unavailable_never_the_inputs_fault(tmp_path: Path) -> None:
+    """TorchServe refuses a wrong key with a 400: not an InvalidInput (a 4xx for the person)."""
+    calls = []
+
+    def refusing(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers.get("Authorization"))
+        return httpx.Response(400, json=REFUSED)
+
+    keys = write_keys(tmp_path / "key_file.json", "m-key", "stale")
+    client = InferenceClient("http://ts.test", transport=httpx.MockTransport(refusing), key_file=keys)
+    with pytest.raises(InferenceUnavailable, match=r"refused the inference key.*TORCHSERVE_KEY_FILE"):
+        await client.predict(b"png")
+    assert calls == ["Bearer stale"]  # the file has no newer key: not retried
+    ready, detail = await client.ready()  # no management URL: /ping, with the inference key
+    assert not ready and "refused the inference key" in detail
+    await client.close()
+
+
+def test_from_settings_reads_the_key_file_the_settings_name() -> None:
+    base = Settings(run_dir=Path("/r"), inference_url="http://ts.test:1", management_url="http://m.test:2")
+    unset = base.model_copy(update={"torchserve_key_file": None})  # whatever the environment says
+    client = InferenceClient.from_settings(unset)
+    assert (client.inference_url, client.management_url) == ("http://ts.test:1", "http://m.test:2")
+    assert client.key_file == key_file_of(unset) == Path("/r/torchserve/key_file.json")
+    named = base.model_copy(update={"torchserve_key_file": Path("/keys/key_file.json")})
+    assert InferenceClient.from_settings(named).key_file == Path("/keys/key_file.json")

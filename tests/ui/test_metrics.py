@@ -72,7 +72,9 @@ async def test_predictions_and_labels_are_counted_per_model_version(
     second = await svc.predict(digit_png("one"))
     await svc.label(first, 1)
     assert second.id is not None
-    await svc.label_by_id(second.id, 4)  # by id (the API): judged from what this process stored
+    await svc.label_by_id(
+        second.id, 4, token=second.label_token
+    )  # by id (the API): judged from what this process stored
     assert [a - b for a, b in zip(counts(), before, strict=True)] == [2, 1, 1]
     assert value("digit_ui_model_version_info", model_version="7.1") == 1
 
@@ -148,3 +150,31 @@ def test_every_metric_has_help_and_follows_the_naming_rules() -> None:
     # Every error kind exists from the start (rates and ratios exist before the first error).
     kinds = {s.labels["kind"] for s in families["digit_ui_errors"].samples if s.name.endswith("_total")}
     assert kinds == set(metrics.ERROR_KINDS)
+
+
+async def test_not_a_digit_labels_forbidden_requests_and_deletions_are_counted(
+    service: tuple[PredictionService, FakeModel, FakeStore],
+) -> None:
+    from db.errors import Forbidden
+
+    svc, _, _ = service
+    before = (
+        value("digit_ui_feedback_total", model_version="7.1", correct="not_a_digit"),
+        value("digit_ui_errors_total", kind="forbidden"),
+        value("digit_ui_deleted_total"),
+    )
+    first = await svc.predict(digit_png("one"))
+    second = await svc.predict(digit_png("one"))
+    assert first.id is not None and second.id is not None
+    await svc.label(first, None, not_a_digit=True)  # the page's own drawing
+    await svc.label_by_id(second.id, None, not_a_digit=True, token=second.label_token)  # by id
+    with pytest.raises(Forbidden):
+        await svc.label_by_id(second.id, 1, token="a guess")
+    await svc.delete(first.id, token=first.label_token)
+    after = (
+        value("digit_ui_feedback_total", model_version="7.1", correct="not_a_digit"),
+        value("digit_ui_errors_total", kind="forbidden"),
+        value("digit_ui_deleted_total"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1]
+    assert metrics.correctness(3, None) == "not_a_digit" and metrics.correctness(3, 3) == "true"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from tests.ui.fakes import digit_png
 from ui import outbox as outbox_module
 from ui.inference import Prediction
 from ui.outbox import FILE_NAME, Journal, Outbox, QueueFull
-from ui.outcome import Outcome
+from ui.outcome import Outcome, outcome_to_json
 
 
 def journal(tmp_path: Path, max_bytes: int = 1_000_000) -> Journal:
@@ -194,4 +195,50 @@ async def test_outbox_full_raises(tmp_path: Path) -> None:
     with pytest.raises(QueueFull):
         await box.add(outcome())
     assert len(box) == 0
+    box.close()
+
+
+async def test_tokens_and_not_a_digit_labels_survive_a_restart(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, 10_000_000)
+    await box.open()
+    waiting = outcome("one")
+    await box.add(waiting)
+    await box.add_label_by_key(waiting.key, None)  # "not a digit" for the waiting prediction
+    await box.add_label_by_id(8, None, token_hash="ab" * 32)
+    await box.add_label_by_id(9, 4)  # the operator's: no token to check
+    box.close()
+
+    again = Outbox(tmp_path, 10_000_000)
+    assert await again.open() == 4  # one prediction, three labels
+    (restored,) = again.outcomes()
+    assert restored.label_token == waiting.label_token  # a retry must get the same token back
+    assert restored.label is None and restored.not_a_digit and restored.labelled
+    assert again.key_labels() == {waiting.key: None} and again.id_labels() == {8: None, 9: 4}
+    assert again.id_label_token(8) == "ab" * 32 and again.id_label_token(9) is None
+    await again.remove(id_labels=[(8, 3)])  # not the label waiting: kept
+    await again.remove(key_labels=[("another key", None)])  # nothing waits for that key: nothing removed
+    assert len(again) == 4
+    await again.remove(predictions=[waiting.key], key_labels=[(waiting.key, None)], id_labels=[(8, None)])
+    assert again.id_labels() == {9: 4} and again.id_label_token(8) is None
+    again.close()
+
+
+async def test_records_written_before_label_tokens_still_load(tmp_path: Path) -> None:
+    """An outbox left by the previous version: no label_token, no not_a_digit, no token_hash."""
+    old = outcome("one")
+    data = {"op": "prediction", **outcome_to_json(old)}
+    del data["label_token"]
+    lines = [
+        {"rid": 1, **data},
+        {"rid": 2, "op": "label", "key": old.key, "label": 5},
+        {"rid": 3, "op": "label", "id": 4, "label": 6},
+        {"rid": 4, "op": "label", "id": 5, "label": None},  # no choice at all: unreadable, dropped
+    ]
+    (tmp_path / FILE_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    box = Outbox(tmp_path, 10_000_000)
+    assert await box.open() == 3
+    (restored,) = box.outcomes()
+    assert restored.key == old.key and restored.label == 5 and not restored.not_a_digit
+    assert len(restored.label_token) == 32  # a fresh token nobody knows: the operator's row
+    assert box.id_labels() == {4: 6} and box.id_label_token(4) is None
     box.close()

@@ -7,22 +7,27 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from uuid import uuid4
 
 import pytest
 from nicegui import Client, ui
 from nicegui.nicegui import _on_handshake
+from nicegui.storage import Storage
 from nicegui.testing.user import User
 
-from db.records import PredictionRow
+from db.records import Only, PredictionRow
 from db.stats import Stats
 from tests.ui.conftest import Simulated, assert_no_error_logs, simulate
 from tests.ui.fakes import FakeModel, FakeStore, digit_png
 from ui.canvas import DigitCanvas
 from ui.feed import Feed, feed_for
 from ui.history import PAGE_SIZE
-from ui.page import DB_DOWN, MODEL_DOWN
+from ui.page import DB_DOWN, MODEL_DOWN, NEED_CHOICE, NEED_PREDICTION
+from ui.result import PLACEHOLDER
 from ui.views import png_data_url
+
+E = TypeVar("E", bound=ui.element)
 
 
 async def draw(sim: Simulated, png: bytes | None) -> DigitCanvas:
@@ -192,9 +197,11 @@ class CountingStore(FakeStore):
 
     reads: Counter[str] = field(default_factory=Counter)
 
-    async def recent(self, limit: int = 20, before_id: int | None = None) -> list[PredictionRow]:
+    async def recent(
+        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+    ) -> list[PredictionRow]:
         self.reads["recent"] += 1
-        return await super().recent(limit, before_id)
+        return await super().recent(limit, before_id, only=only)
 
     async def stats(self) -> Stats:
         self.reads["stats"] += 1
@@ -311,3 +318,391 @@ async def test_history_and_statistics_come_back_with_the_database(sim: Simulated
     await sim.user.should_see("predicted 0", retries=30)
     await sim.user.should_see(marker="stat-predictions", content="1")
     await sim.user.should_not_see("History is unavailable: the database is unreachable.")
+
+
+# ---------------------------------------------------------------- labels: an explicit choice
+
+
+@pytest.fixture(autouse=True)
+def user_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NiceGUI keeps `app.storage.user` in files: in the test's own folder, not the working directory."""
+    monkeypatch.setattr(Storage, "path", tmp_path / "nicegui-storage")
+
+
+def only(sim: Simulated, marker: str, kind: type[E]) -> E:
+    """The one visible element with this marker (of this kind)."""
+    (element,) = sim.user.find(marker=marker).elements
+    assert isinstance(element, kind)
+    return element
+
+
+def label_of(sim: Simulated, prediction_id: int) -> int | None:
+    """The true label the store holds for a row."""
+    label: int | None = sim.store.rows[prediction_id][1]
+    return label
+
+
+async def predicted(sim: Simulated, kind: str = "zero", prediction_id: int = 1) -> DigitCanvas:
+    """Draw, press Predict, wait for the stored answer."""
+    canvas = await draw(sim, digit_png(kind))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see(f"saved as #{prediction_id}", retries=30)
+    return canvas
+
+
+async def row_shows(user: User, prediction_id: int, text: str) -> None:
+    """The history line of this prediction shows `text`."""
+    await user.should_see(marker=f"history-row-{prediction_id}", retries=30)
+    with user.scope(marker=f"history-row-{prediction_id}"):
+        await user.should_see(text, retries=30)
+
+
+def highlighted(button: ui.element) -> bool:
+    return "unelevated" in button.props
+
+
+async def test_nothing_is_chosen_or_recorded_before_the_person_picks(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await predicted(sim)
+    buttons = [only(sim, f"label-{d}", ui.button) for d in range(10)]
+    assert not any(
+        highlighted(b) for b in [*buttons, only(sim, "right", ui.button), only(sim, "not-a-digit", ui.button)]
+    )
+    assert not only(sim, "submit", ui.button).enabled and not only(sim, "submit-next", ui.button).enabled
+    sim.user.find(marker="submit").click()  # disabled: nothing happens
+    press(sim, "Enter", "Enter")  # Enter alone records nothing
+    await sim.user.should_see(NEED_CHOICE)
+    await asyncio.sleep(0.1)
+    assert sim.store.rows[1][1] is None and 1 not in sim.store.not_a_digit
+    assert sim.model.calls == 2  # the preview and Predict: Enter did not predict again
+
+
+async def test_a_click_selects_and_submit_records(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await predicted(sim)
+    sim.user.find(marker="label-6").click()
+    assert highlighted(only(sim, "label-6", ui.button)) and only(sim, "submit", ui.button).enabled
+    await asyncio.sleep(0.1)
+    assert label_of(sim, 1) is None  # selected, not recorded
+    sim.user.find(marker="label-2").click()  # the person changes their mind
+    assert highlighted(only(sim, "label-2", ui.button)) and not highlighted(only(sim, "label-6", ui.button))
+    sim.user.find(marker="submit").click()
+    await sim.user.should_see("Saved: it was a 2 (the model was wrong).")
+    assert sim.store.rows[1][1] == 2
+    await sim.user.should_see("saved as #1, true label 2")
+
+
+async def test_right_confirms_the_predicted_digit(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await predicted(sim, "zero")
+    await sim.user.should_see(marker="right", content="Right, it is a 0")
+    sim.user.find(marker="right").click()
+    assert highlighted(only(sim, "right", ui.button)) and highlighted(only(sim, "label-0", ui.button))
+    sim.user.find(marker="submit").click()
+    await sim.user.should_see("Saved: it was a 0 (the model was right).")
+    assert sim.store.rows[1][1] == 0
+
+
+async def test_not_a_digit_is_stored_apart_and_counted_apart(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await predicted(sim)
+    sim.user.find(marker="not-a-digit").click()
+    sim.user.find(marker="submit").click()
+    await sim.user.should_see("Saved: not a digit.")
+    assert sim.store.rows[1][1] is None and sim.store.not_a_digit == {1}
+    await sim.user.should_see("saved as #1, not a digit")
+    await row_shows(sim.user, 1, "not a digit")
+    await sim.user.should_see(marker="stat-not-a-digit", content="1", retries=30)
+    await sim.user.should_see(marker="stat-labelled", content="0")
+
+
+async def test_submit_and_next_clears_the_canvas(sim: Simulated) -> None:
+    await sim.user.open("/")
+    canvas = await predicted(sim)
+    sim.user.find(marker="label-3").click()
+    sim.user.find(marker="submit-next").click()
+    await sim.user.should_see("Saved: it was a 3 (the model was wrong).")
+    await eventually(lambda: canvas.png is None)
+    await sim.user.should_see(PLACEHOLDER)
+    assert sim.store.rows[1][1] == 3
+
+
+async def test_enter_records_a_clicked_choice_and_goes_on(sim: Simulated) -> None:
+    await sim.user.open("/")
+    canvas = await predicted(sim)
+    sim.user.find(marker="not-a-digit").click()
+    press(sim, "Enter", "Enter")
+    await eventually(lambda: canvas.png is None)
+    assert sim.store.not_a_digit == {1}
+
+
+@pytest.mark.parametrize("digit", range(10))
+async def test_each_digit_key_records_it_and_clears_for_the_next(sim: Simulated, digit: int) -> None:
+    await sim.user.open("/")
+    canvas = await draw(sim, digit_png("one"))
+    press(sim, "Enter", "Enter")  # predicts
+    await sim.user.should_see("saved as #1", retries=30)
+    press(sim, str(digit), f"Digit{digit}")  # one key: recorded, next drawing
+    await eventually(lambda: sim.store.rows[1][1] == digit)
+    await eventually(lambda: canvas.png is None)
+    verdict = "right" if digit == 1 else "wrong"
+    await sim.user.should_see(f"Saved: it was a {digit} (the model was {verdict}).")
+
+
+async def test_r_key_is_right_and_n_key_is_not_a_digit(sim: Simulated) -> None:
+    await sim.user.open("/")
+    press(sim, "r", "KeyR")  # nothing to confirm yet
+    await sim.user.should_see(NEED_PREDICTION)
+    canvas = await predicted(sim, "zero", 1)
+    press(sim, "r", "KeyR")
+    await eventually(lambda: sim.store.rows[1][1] == 0 and canvas.png is None)
+    await sim.user.should_see("Saved: it was a 0 (the model was right).")
+    canvas = await predicted(sim, "one", 2)
+    press(sim, "N", "KeyN")
+    await eventually(lambda: sim.store.not_a_digit == {2} and canvas.png is None)
+    await sim.user.should_see("Saved: not a digit.")
+    assert sim.store.rows[2][1] is None
+
+
+async def test_a_series_takes_one_key_per_drawing_after_predicting(sim: Simulated) -> None:
+    await sim.user.open("/")
+    for i, (kind, key) in enumerate([("one", "1"), ("zero", "0"), ("one", "7")], start=1):
+        await draw(sim, digit_png(kind))
+        press(sim, "Enter", "Enter")
+        await sim.user.should_see(f"saved as #{i}", retries=30)
+        press(sim, key, f"Digit{key}")
+        await eventually(lambda i=i, key=key: sim.store.rows[i][1] == int(key))
+    assert [sim.store.rows[i][1] for i in (1, 2, 3)] == [1, 0, 7]
+
+
+async def test_backspace_and_ctrl_z_undo(sim: Simulated) -> None:
+    await sim.user.open("/")
+    canvas = await draw(sim, digit_png("one"))
+    undone: list[str] = []
+    canvas.undo = lambda: undone.append("undo")  # type: ignore[method-assign]  # the browser's part is e2e
+    press(sim, "Backspace", "Backspace")
+    press_with(sim, "z", "KeyZ", ctrlKey=True)
+    press_with(sim, "z", "KeyZ", metaKey=True)
+    press_with(sim, "z", "KeyZ", ctrlKey=True, shiftKey=True)  # redo elsewhere: not an undo
+    await eventually(lambda: len(undone) == 3)
+    await asyncio.sleep(0.1)
+    assert undone == ["undo"] * 3 and sim.store.rows == {}
+
+
+def press_with(sim: Simulated, key: str, code: str, **modifiers: bool) -> None:
+    args = {
+        "action": "keydown",
+        "repeat": False,
+        "key": key,
+        "code": code,
+        "location": 0,
+        "altKey": False,
+        "ctrlKey": False,
+        "metaKey": False,
+        "shiftKey": False,
+        **modifiers,
+    }
+    sim.user.find(kind=ui.keyboard).trigger("key", args)
+
+
+async def test_success_toasts_replace_each_other(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await predicted(sim)
+    for digit in (4, 5):
+        sim.user.find(marker=f"label-{digit}").click()
+        sim.user.find(marker="submit").click()
+        await sim.user.should_see(f"Saved: it was a {digit} (the model was wrong).")
+    toasts = sim.user.find(marker="toast").elements
+    assert [t.text for t in toasts if isinstance(t, ui.label)] == [
+        "Saved: it was a 5 (the model was wrong)."
+    ]  # one, the latest
+    assert len(sim.user.notify.messages) == 0  # no stacking Quasar notifications
+
+
+async def test_top_three_guesses_as_text(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await predicted(sim, "zero")
+    await sim.user.should_see(marker="top-guesses", content="0 91% · 1 1% · 2 1%")
+    await sim.user.should_see(marker="history-top", content="0 91% · 1 1% · 2 1%")
+
+
+async def test_upload_an_image_file(sim: Simulated) -> None:
+    from nicegui.elements.upload_files import SmallFileUpload
+
+    await sim.user.open("/")
+    upload = next(iter(sim.user.find(marker="upload").elements))
+    assert isinstance(upload, ui.upload)
+    await upload.handle_uploads([SmallFileUpload("zero.png", "image/png", digit_png("zero"))])
+    await sim.user.should_see("saved as #1", retries=30)
+    await sim.user.should_see(marker="digit", content="0")
+    assert sim.store.rows[1][0].image_png == digit_png("zero")  # the file as it was, like a drawing
+    await asyncio.sleep(0.2)  # the canvas was emptied for it: the answer stays
+    await sim.user.should_see("saved as #1")
+    press(sim, "7", "Digit7")
+    await eventually(lambda: sim.store.rows[1][1] == 7)
+    await upload.handle_uploads(
+        [SmallFileUpload("big.png", "image/png", b"\0" * (sim.service.max_image_bytes + 1))]
+    )
+    await sim.user.should_see("This file is too large")
+    await upload.handle_uploads([SmallFileUpload("notes.txt", "text/plain", b"not an image")])
+    await asyncio.sleep(0.2)
+    assert len(sim.store.rows) == 1
+
+
+async def test_dark_mode_and_live_preview_are_remembered(sim: Simulated) -> None:
+    await sim.user.open("/")
+    assert next(iter(sim.user.find(kind=ui.dark_mode).elements)).value is None  # the system's at first
+    sim.user.find(marker="dark").click()
+    sim.user.find(marker="live").click()
+    assert only(sim, "live", ui.switch).value is False
+    again = await same_browser_tab(sim)  # a reload, or another tab of the same browser (its cookie)
+    assert next(iter(again.find(kind=ui.dark_mode).elements)).value is True
+    (live,) = again.find(marker="live").elements
+    assert isinstance(live, ui.switch) and live.value is False
+    await draw_in(again, digit_png("one"))
+    await asyncio.sleep(0.2)
+    assert sim.model.calls == 0  # no live preview
+
+
+async def same_browser_tab(sim: Simulated) -> User:
+    """Another tab (or a reload) in the simulated user's browser: the same cookie, so the same session."""
+    tab = User(sim.user.http_client)
+    await tab.open("/")
+    return tab
+
+
+async def draw_in(user: User, png: bytes) -> DigitCanvas:
+    canvas = next(iter(user.find(DigitCanvas).elements))
+    await canvas.receive(png_data_url(png), 1)
+    return canvas
+
+
+# ---------------------------------------------------------------- the person's own drawings in the history
+
+
+async def test_own_rows_can_be_edited_and_deleted_others_cannot(sim: Simulated) -> None:
+    other = await sim.service.predict(digit_png("one"))  # someone else's (the API, say): row 1
+    await sim.user.open("/")
+    await predicted(sim, "zero", 2)
+    await sim.user.should_see(marker="history-row-1")
+    with sim.user.scope(marker="history-row-1"):
+        await sim.user.should_not_see(marker="history-edit")
+        await sim.user.should_not_see(marker="history-delete")
+    with sim.user.scope(marker="history-row-2"):
+        await sim.user.should_see("#2")
+        sim.user.find(marker="history-edit").click()
+    await sim.user.should_see("Drawing #2: predicted 0")
+    sim.user.find(marker="edit-5").click()
+    await eventually(lambda: sim.store.rows[2][1] == 5)
+    await row_shows(sim.user, 2, "true 5")
+    with sim.user.scope(marker="history-row-2"):
+        sim.user.find(marker="history-edit").click()
+    sim.user.find(marker="edit-not-a-digit").click()
+    await eventually(lambda: sim.store.not_a_digit == {2})
+    with sim.user.scope(marker="history-row-2"):
+        sim.user.find(marker="history-delete").click()
+    await sim.user.should_see("Delete drawing #2?")
+    sim.user.find(marker="confirm-delete").click()
+    await eventually(lambda: 2 not in sim.store.rows)
+    await sim.user.should_see("Drawing #2 deleted.")
+    await sim.user.should_not_see(marker="history-row-2")
+    assert other.id == 1 and 1 in sim.store.rows and sim.store.rows[1][1] is None
+
+
+async def test_own_rows_stay_editable_after_a_reload_not_in_another_browser(sim: Simulated) -> None:
+    await sim.user.open("/")
+    await predicted(sim, "zero", 1)
+    again = await same_browser_tab(sim)  # the same browser: its session knows the token
+    await again.should_see(marker="history-row-1")
+    with again.scope(marker="history-row-1"):
+        again.find(marker="history-edit").click()
+    again.find(marker="edit-right").click()
+    await eventually(lambda: sim.store.rows[1][1] == 0)
+    stranger = await open_tab(sim)  # another browser (its own cookie): no token
+    await stranger.should_see(marker="history-row-1", retries=30)
+    with stranger.scope(marker="history-row-1"):
+        await stranger.should_not_see(marker="history-edit")
+        await stranger.should_not_see(marker="history-delete")
+
+
+async def test_a_prediction_kept_while_the_database_was_down_becomes_editable(sim: Simulated) -> None:
+    await sim.user.open("/")
+    sim.store.down = True
+    await draw(sim, digit_png("one"))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see(DB_DOWN)
+    with sim.user.scope(marker="history-row-waiting"):
+        await sim.user.should_see(marker="history-edit")  # its label waits with it
+        await sim.user.should_not_see(marker="history-delete")  # nothing stored to delete yet
+    sim.store.down = False
+    await sim.user.should_see("saved as #1", retries=40)
+    sim.user.find(marker="clear").click()  # no longer the current drawing: edited by its id and token
+    await sim.user.should_see(marker="history-row-1", retries=30)
+    with sim.user.scope(marker="history-row-1"):
+        sim.user.find(marker="history-edit").click()
+    sim.user.find(marker="edit-4").click()
+    await eventually(lambda: sim.store.rows[1][1] == 4)
+
+
+def shown_ids(user: User) -> list[int]:
+    """The ids of the history lines shown (their "#id" labels)."""
+    try:
+        labels = user.find(marker="history-id").elements
+    except AssertionError:
+        return []
+    return sorted(int(e.text[1:]) for e in labels if isinstance(e, ui.label) and e.text.startswith("#"))
+
+
+async def test_history_filters_query_their_own_rows(sim: Simulated) -> None:
+    wrong = await sim.service.predict(digit_png("one"))
+    await sim.service.label(wrong, 7)
+    right = await sim.service.predict(digit_png("zero"))
+    await sim.service.label(right, 0)
+    unlabelled = await sim.service.predict(digit_png("one"))
+    scribble = await sim.service.predict(digit_png("zero"))
+    await sim.service.label(scribble, None, not_a_digit=True)
+    await sim.user.open("/")
+    await sim.user.should_see(marker="history-row-4")
+    (toggle,) = sim.user.find(marker="history-filter").elements
+    assert isinstance(toggle, ui.toggle)
+
+    async def shows(ids: list[int | None]) -> None:
+        await eventually(lambda: shown_ids(sim.user) == sorted(i for i in ids if i is not None))
+
+    cases: list[tuple[str, list[int | None]]] = [
+        ("wrong", [wrong.id]),
+        ("unlabelled", [unlabelled.id]),
+        ("not_a_digit", [scribble.id]),
+        ("all", [1, 2, 3, 4]),
+    ]
+    for value, ids in cases:
+        toggle.value = value
+        await shows(ids)
+    toggle.value = "wrong"
+    await shows([1])
+    await sim.service.predict(digit_png("one"))  # pushed to the unfiltered page only
+    await asyncio.sleep(2 * feed_of(sim).interval_s)
+    await shows([1])
+    toggle.value = "unlabelled"
+    await sim.user.should_see("#5")
+    await shows([3, 5])
+
+
+async def test_a_filtered_view_with_nothing_in_it_says_so(sim: Simulated) -> None:
+    await sim.service.predict(digit_png("one"))
+    await sim.user.open("/")
+    await sim.user.should_see(marker="history-row-1")
+    toggle = only(sim, "history-filter", ui.toggle)
+    toggle.value = "wrong"
+    await sim.user.should_see("No wrong predictions.")
+
+
+async def test_keys_are_not_the_pages_while_a_history_dialog_is_open(sim: Simulated) -> None:
+    await sim.user.open("/")
+    canvas = await predicted(sim, "zero", 1)
+    with sim.user.scope(marker="history-row-1"):
+        sim.user.find(marker="history-edit").click()
+    press(sim, "3", "Digit3")
+    press(sim, "Escape", "Escape")
+    await asyncio.sleep(0.2)
+    assert sim.store.rows[1][1] is None and canvas.png is not None  # neither labelled nor cleared

@@ -11,13 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from db.records import PoolHealth
+from db.errors import DatabaseUnavailable, Forbidden, InvalidLabel, PredictionNotFound
+from db.records import PoolHealth, token_hash
 from db.stats import Stats
 from db.store import Store
 from tests.ui.fakes import FakeModel, FakeStore, digit_png
 from ui.inference import InferenceClient, InvalidInput
 from ui.outbox import Outbox, QueueFull
-from ui.service import PredictionService, PredictionStore, check_label, new_prediction, stored_key
+from ui.outcome import Outcome
+from ui.service import (
+    PredictionService,
+    PredictionStore,
+    check_choice,
+    check_label,
+    new_prediction,
+    stored_key,
+)
 
 
 def make_service(
@@ -74,7 +83,7 @@ async def test_label_by_id_kept_while_down(service: PredictionService) -> None:
     outcome = await service.predict(digit_png("one"))
     assert outcome.id is not None
     store.down = True
-    assert await service.label_by_id(outcome.id, 3) is False
+    assert await service.label_by_id(outcome.id, 3, token=outcome.label_token) is False
     assert service.waiting == 1
     store.down = False
     await service.flush()
@@ -283,3 +292,231 @@ async def test_waiting_outcomes_oldest_first(service: PredictionService) -> None
     second = await service.predict(digit_png("zero"))
     assert service.waiting_outcomes() == [first, second]
     assert first.created_at <= second.created_at <= datetime.now(UTC)
+
+
+# -- label tokens, "not a digit", deletion ------------------------------------------------------------
+ADMIN = "the operator's token"
+
+
+async def test_label_by_id_needs_the_rows_token_or_the_operator(service: PredictionService) -> None:
+    store = fake(service)
+    mine = await service.predict(digit_png("one"))
+    theirs = await service.predict(digit_png("zero"))
+    assert mine.id is not None and theirs.id is not None and mine.label_token != theirs.label_token
+    assert len(mine.label_token) == 32 and store.token_hashes[mine.id] == token_hash(mine.label_token)
+    for token in (None, "", "wrong", theirs.label_token):
+        with pytest.raises(Forbidden):
+            await service.label_by_id(mine.id, 3, token=token)
+    assert store.rows[mine.id][1] is None
+    assert await service.label_by_id(mine.id, 3, token=mine.label_token) is True
+    assert await service.label_by_id(mine.id, 4, operator=True) is True
+    assert store.rows[mine.id][1] == 4
+    with pytest.raises(PredictionNotFound):
+        await service.label_by_id(99, 4, operator=True)
+    with pytest.raises(InvalidLabel):
+        await service.label_by_id(mine.id, None, token=mine.label_token)  # no choice at all
+
+
+def test_is_operator(tmp_path: Path) -> None:
+    service = make_service(FakeStore(), tmp_path)
+    assert not service.is_operator(ADMIN) and not service.is_operator(None)  # no ADMIN_TOKEN: nobody
+    service.admin_token = ADMIN
+    assert service.is_operator(ADMIN)
+    for wrong in (None, "", ADMIN + " ", ADMIN[:-1], ADMIN.upper(), "é"):
+        assert not service.is_operator(wrong), wrong
+
+
+def test_check_choice() -> None:
+    assert check_choice(7) == 7 and check_choice(None, True) is None
+    with pytest.raises(ValueError, match="0 to 9"):
+        check_choice(6.0)
+    for label, not_a_digit in [(None, False), (3, True)]:
+        with pytest.raises(ValueError, match="not_a_digit"):
+            check_choice(label, not_a_digit)
+
+
+def choice_of(outcome: Outcome) -> tuple[int | None, bool]:
+    return outcome.label, outcome.not_a_digit
+
+
+async def test_not_a_digit_for_the_own_drawing_and_in_the_statistics(service: PredictionService) -> None:
+    store = fake(service)
+    a = await service.predict(digit_png("one"))
+    b = await service.predict(digit_png("zero"))
+    assert await service.label(a, None, not_a_digit=True) is True
+    assert choice_of(a) == (None, True) and a.label_stored
+    assert await service.label(b, 0) is True  # the old call form
+    stats = await service.stats()
+    assert (stats.total, stats.labelled, stats.not_a_digit, stats.accuracy) == (2, 1, 1, 1.0)
+    assert [r.id for r in await service.recent(10, only="not_a_digit")] == [a.id]
+    assert [r.id for r in await service.recent(10, only="unlabelled")] == []
+    assert await service.label(a, 1) is True and choice_of(a) == (1, False)  # changed their mind
+    assert a.id not in store.not_a_digit and (await service.stats()).not_a_digit == 0
+    with pytest.raises(ValueError, match="only"):
+        await service.recent(10, only="mine")  # type: ignore[arg-type]
+
+
+async def test_not_a_digit_waits_with_its_prediction(service: PredictionService) -> None:
+    store = fake(service)
+    store.down = True
+    outcome = await service.predict(digit_png("one"))
+    assert await service.label(outcome, None, not_a_digit=True) is False
+    store.down = False
+    assert await service.flush() == 1
+    assert outcome.id is not None and outcome.id in store.not_a_digit and outcome.label_stored
+    assert (await service.stats()).not_a_digit == 1
+
+
+async def test_a_queued_prediction_gets_its_token_when_stored(service: PredictionService) -> None:
+    store = fake(service)
+    store.down = True
+    outcome = await service.predict(digit_png("one"))
+    token = outcome.label_token
+    store.down = False
+    await service.flush()
+    assert outcome.id is not None and store.token_hashes[outcome.id] == token_hash(token)
+    with pytest.raises(Forbidden):
+        await service.label_by_id(outcome.id, 2, token="guess")
+    assert await service.label_by_id(outcome.id, 2, token=token) is True
+
+
+async def test_a_label_with_a_wrong_token_queued_while_down_is_dropped(service: PredictionService) -> None:
+    store = fake(service)
+    outcome = await service.predict(digit_png("one"))
+    assert outcome.id is not None
+    store.down = True
+    assert await service.label_by_id(outcome.id, 5, token="a guess") is False  # durably kept: 202
+    assert await service.label_by_id(outcome.id + 1, 5, operator=True) is False  # an id nobody has
+    assert service.waiting == 2
+    store.down = False
+    assert await service.flush() == 0 and service.waiting == 0  # checked when stored: dropped
+    assert store.rows[outcome.id][1] is None
+
+
+async def test_delete_needs_the_token_and_removes_the_row(service: PredictionService) -> None:
+    store = fake(service)
+    mine = await service.predict(digit_png("one"))
+    theirs = await service.predict(digit_png("zero"))
+    assert mine.id is not None and theirs.id is not None
+    for token in (None, "wrong", theirs.label_token):
+        with pytest.raises(Forbidden):
+            await service.delete(mine.id, token=token)
+    version = service.version
+    await service.delete(mine.id, token=mine.label_token)
+    assert mine.id not in store.rows and service.version == version + 1
+    with pytest.raises(PredictionNotFound):  # deleted: not found, also with its token
+        await service.delete(mine.id, token=mine.label_token)
+    with pytest.raises(PredictionNotFound):
+        await service.label_by_id(mine.id, 1, token=mine.label_token)
+    with pytest.raises(PredictionNotFound):
+        await service.image_png(mine.id)
+    await service.delete(theirs.id, operator=True)
+    assert (await service.stats()).total == 0 and await service.recent(10) == []
+
+
+async def test_delete_while_the_database_is_down_is_refused_and_drops_a_waiting_label(
+    service: PredictionService,
+) -> None:
+    store = fake(service)
+    outcome = await service.predict(digit_png("one"))
+    assert outcome.id is not None
+    store.down = True
+    with pytest.raises(DatabaseUnavailable):
+        await service.delete(outcome.id, token=outcome.label_token)  # nothing queued: try again
+    assert await service.label(outcome, 7) is False and service.waiting == 1
+    store.down = False
+    await service.delete(outcome.id, token=outcome.label_token)
+    assert service.waiting == 0 and outcome.id not in store.rows  # the label has nothing to go to
+
+
+async def test_idempotency_key_retries_get_the_same_token(tmp_path: Path) -> None:
+    store = FakeStore()
+    first = make_service(store, tmp_path / "a")
+    await first.start()
+    stored = await first.predict(digit_png("one"), idempotency_key="stored")
+    assert (await first.predict(digit_png("one"), idempotency_key="stored")).label_token == stored.label_token
+    store.down = True
+    queued = await first.predict(digit_png("one"), idempotency_key="queued")
+    again = await first.predict(digit_png("one"), idempotency_key="queued")
+    assert again.label_token == queued.label_token and not again.stored
+    await first.stop()  # still down: the queued prediction stays in the outbox, with its token
+
+    restarted = make_service(store, tmp_path / "a")
+    await restarted.start()
+    after = await restarted.predict(digit_png("one"), idempotency_key="queued")
+    assert after.label_token == queued.label_token  # from the outbox, after a restart
+    store.down = False
+    await restarted.flush()
+    assert after.id is not None and await restarted.label_by_id(after.id, 1, token=queued.label_token)
+    await restarted.stop()
+
+    # Elsewhere (nothing remembered, found by key in the store): the stored hash is of a token this
+    # process never saw, so the retry gets a new one, which replaces it.
+    other = make_service(store, tmp_path / "b")
+    await other.start()
+    retry = await other.predict(digit_png("one"), idempotency_key="stored")
+    assert retry.id == stored.id and retry.label_token != stored.label_token
+    assert stored.id is not None and await other.label_by_id(stored.id, 1, token=retry.label_token)
+    with pytest.raises(Forbidden):
+        await other.label_by_id(stored.id, 1, token=stored.label_token)
+    await other.stop()
+
+
+async def test_the_500_row_relabel_attack_now_fails(service: PredictionService) -> None:
+    """The issue's attack: relabel every row by its sequential id. Without the tokens, nothing changes
+    (500 rows on PostgreSQL through the API: tests/ui/test_api.py)."""
+    store = fake(service)
+    outcomes = [await service.predict(digit_png("one")) for _ in range(50)]
+    for outcome in outcomes:
+        await service.label(outcome, 1)
+    for prediction_id in range(1, 51):
+        with pytest.raises(Forbidden):
+            await service.label_by_id(prediction_id, 7, token=f"guess-{prediction_id}")
+        with pytest.raises(Forbidden):
+            await service.label_by_id(prediction_id, 7)
+    assert all(label == 1 for _, label, _ in store.rows.values())
+    assert (await service.stats()).accuracy == 1.0
+
+
+def test_make_run_makes_the_operator_token_once_and_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stack.use_admin_token` (make run): made when ADMIN_TOKEN is unset, 0600, reused, never printed."""
+    import stack
+    from settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", run_dir=tmp_path / "run", admin_token=None)
+    first = stack.use_admin_token(settings).admin_token
+    path = tmp_path / "data" / "admin_token"
+    assert first and len(first) >= 43 and path.read_text().strip() == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert stack.use_admin_token(settings).admin_token == first  # the next run reuses it
+    path.chmod(0o644)
+    assert stack.use_admin_token(settings).admin_token == first and path.stat().st_mode & 0o777 == 0o600
+    out = capsys.readouterr().out
+    assert str(path) in out and first not in out
+    given = settings.model_copy(update={"admin_token": "set-by-the-operator"})
+    assert stack.use_admin_token(given).admin_token == "set-by-the-operator"
+    path.write_text("")  # an empty leftover: a new one is made
+    assert stack.use_admin_token(settings).admin_token not in (None, "", first)
+
+
+async def test_a_retry_answered_while_down_gets_a_token_that_works(tmp_path: Path) -> None:
+    """The first answer is stored, but this process does not know it (another replica, a restart)
+    and the database is down: the retry is answered anew and queued. When it is flushed, the
+    first row is found by its key, and the retry's token becomes the one that works."""
+    store = FakeStore()
+    first = make_service(store, tmp_path / "a")
+    await first.start()
+    stored = await first.predict(digit_png("one"), idempotency_key="k")
+    await first.stop()
+    second = make_service(store, tmp_path / "b")
+    await second.start()
+    store.down = True
+    retry = await second.predict(digit_png("one"), idempotency_key="k")
+    assert not retry.stored and retry.label_token != stored.label_token
+    store.down = False
+    await second.flush()
+    assert retry.id == stored.id and len(store.rows) == 1
+    assert stored.id is not None and await second.label_by_id(stored.id, 1, token=retry.label_token)
+    await second.stop()

@@ -10,13 +10,24 @@ import numpy as np
 from PIL import Image
 
 from db.records import PredictionRow
+from db.stats import NOT_A_DIGIT as NOT_A_DIGIT_GROUP
 from db.stats import compute_stats
 from tests.ui.fakes import digit_png
 from ui import views
 from ui.canvas import decode_data_url
-from ui.history import PAGE_SIZE, history_items, older_cursor
+from ui.history import (
+    PAGE_SIZE,
+    Edit,
+    OwnDrawings,
+    apply_edits,
+    history_items,
+    label_text,
+    mark_own,
+    older_cursor,
+    stored_item,
+)
 from ui.inference import Prediction
-from ui.result import status_text, waits_for_database
+from ui.result import NOT_A_DIGIT, Choice, choice_of, label_message, status_text, waits_for_database
 from ui.service import Outcome
 from ui.statistics import per_digit_accuracy, shown_stats, version_options, version_rows
 
@@ -65,9 +76,14 @@ def test_charts() -> None:
 # ---------------------------------------------------------------- what the page's parts show (pure)
 
 
-def row(prediction_id: int, digit: int = 1, label: int | None = None) -> PredictionRow:
+def row(
+    prediction_id: int, digit: int = 1, label: int | None = None, not_a_digit: bool = False
+) -> PredictionRow:
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    return PredictionRow(prediction_id, at, digit, 0.9, [0.1] * 10, "mnist", "1.0", 3.0, label, None)
+    labelled_at = at if label is not None or not_a_digit else None
+    return PredictionRow(
+        prediction_id, at, digit, 0.9, [0.1] * 10, "mnist", "1.0", 3.0, label, labelled_at, not_a_digit
+    )
 
 
 def outcome(digit: int = 0, prediction_id: int | None = None, label: int | None = None) -> Outcome:
@@ -131,6 +147,141 @@ def test_statistics_figures() -> None:
         "2.0": "model version 2.0",
     }
     assert version_rows(stats) == [
-        {"version": "1.0", "total": 3, "labelled": 3, "accuracy": "66.7 %"},
-        {"version": "2.0", "total": 3, "labelled": 0, "accuracy": "–"},
+        {"version": "1.0", "total": 3, "labelled": 3, "not_a_digit": 0, "accuracy": "66.7 %"},
+        {"version": "2.0", "total": 3, "labelled": 0, "not_a_digit": 0, "accuracy": "–"},
     ]
+
+
+def test_statistics_count_not_a_digit_apart() -> None:
+    stats = compute_stats([("1.0", 1, 1, 2), ("1.0", NOT_A_DIGIT_GROUP, 0, 3), ("1.0", None, 4, 1)])
+    assert stats.total == 6 and stats.labelled == 2 and stats.not_a_digit == 3 and stats.accuracy == 1.0
+    assert version_rows(stats) == [
+        {"version": "1.0", "total": 6, "labelled": 2, "not_a_digit": 3, "accuracy": "100.0 %"}
+    ]
+
+
+# ---------------------------------------------------------------- top guesses, times, contrast
+
+
+def test_top_guesses_as_text() -> None:
+    probabilities = [0.0] * 10
+    probabilities[1], probabilities[7], probabilities[9], probabilities[4] = 0.61, 0.32, 0.03, 0.02
+    assert views.top_guesses(probabilities) == "1 61% · 7 32% · 9 3%"
+    assert views.top_guesses([0.1] * 10, n=2) == "0 10% · 1 10%"  # ties: the smaller digit first
+    assert views.ranked([0.2, 0.5, 0.3] + [0.0] * 7)[:3] == [1, 2, 0]
+
+
+def test_short_time() -> None:
+    now = datetime(2026, 1, 2, 12, 0, 0, tzinfo=UTC)
+    earlier_today = now.replace(hour=11, minute=4, second=5)
+    local = earlier_today.astimezone()
+    if local.date() == now.astimezone().date():
+        assert views.short_time(earlier_today, now) == local.strftime("%H:%M:%S")
+    last_year = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert views.short_time(last_year, now) == last_year.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def test_contrast_ratio_follows_wcag() -> None:
+    assert round(views.contrast_ratio("#000000", "#ffffff"), 2) == 21.0
+    assert views.contrast_ratio("#777777", "#777777") == 1.0
+    assert views.contrast_ratio("#ffffff", "#000000") == views.contrast_ratio("#000000", "#ffffff")
+    assert round(views.contrast_ratio("#767676", "#ffffff"), 2) == 4.54  # the well-known AA grey on white
+    try:
+        views.relative_luminance("#fff")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a short colour must be refused")
+
+
+def test_not_sure_hint_meets_wcag_aa() -> None:
+    assert views.contrast_ratio(views.HINT_TEXT, views.HINT_BACKGROUND) >= 4.5
+    # the old hint (Quasar's warning yellow as text on white) did not
+    assert views.contrast_ratio("#f2c037", "#ffffff") < 3
+
+
+def test_confusion_counts_readable_on_their_cells() -> None:
+    assert views.cell_text(10, 10) == "#ffffff" and views.cell_text(1, 10) == "#1a1a1a"
+    confusion = [[0] * 10 for _ in range(10)]
+    confusion[3][3], confusion[3][5] = 8, 1
+    cells = {
+        tuple(c["value"]): c["label"]["color"] for c in views.confusion_chart(confusion)["series"][0]["data"]
+    }
+    assert cells[(3, 3, 8)] == "#ffffff" and cells[(5, 3, 1)] == "#1a1a1a"
+
+
+# ---------------------------------------------------------------- labels and own drawings (pure)
+
+
+def test_choices_and_their_messages() -> None:
+    assert NOT_A_DIGIT.not_a_digit and not Choice(0).not_a_digit
+    assert label_message(Choice(6), 0, stored=True) == "Saved: it was a 6 (the model was wrong)."
+    assert label_message(Choice(0), 0, stored=True) == "Saved: it was a 0 (the model was right)."
+    assert label_message(NOT_A_DIGIT, 0, stored=True) == "Saved: not a digit."
+    assert label_message(Choice(7), 1, stored=False) == "Label 7 kept; it is saved when the database is back."
+    assert (
+        label_message(NOT_A_DIGIT, 1, stored=False)
+        == "'Not a digit' kept; it is saved when the database is back."
+    )
+    kept = outcome()
+    assert choice_of(kept) is None
+    kept.label = 4
+    assert choice_of(kept) == Choice(4)
+    kept.label, kept.not_a_digit = None, True
+    assert choice_of(kept) == NOT_A_DIGIT
+
+
+def test_status_text_not_a_digit() -> None:
+    kept = outcome(prediction_id=3)
+    kept.not_a_digit = True
+    assert status_text(
+        kept, saving=False
+    ) == "saved as #3, not a digit (not saved yet)" and waits_for_database(kept)
+    kept.label_stored = True
+    assert status_text(kept, saving=False) == "saved as #3, not a digit" and not waits_for_database(kept)
+
+
+def test_history_items_not_a_digit_top_guesses_and_own_label() -> None:
+    items = history_items([], [row(2, not_a_digit=True), row(1, label=1)])
+    assert [label_text(i) for i in items] == ["not a digit", "true 1"]
+    assert items[0].labelled and items[0].top == "0 10% · 1 10% · 2 10%"
+    assert label_text(stored_item(row(5))) == "–"
+    mine = outcome(digit=1, prediction_id=1)
+    mine.not_a_digit = True
+    laid = history_items([], [row(1, label=None)], mine)
+    assert laid[0].not_a_digit and laid[0].label is None
+
+
+def test_edits_are_laid_over_the_history() -> None:
+    items = history_items([], [row(3), row(2), row(1)])
+    edits = {2: Edit(version=5, label=None, not_a_digit=True), 1: Edit(version=5, deleted=True)}
+    shown = apply_edits(items, edits)
+    assert [(i.id, i.not_a_digit) for i in shown] == [(3, False), (2, True)]
+
+
+def test_mark_own_by_id_and_by_waiting_key() -> None:
+    waiting = outcome(digit=2)
+    items = mark_own(history_items([waiting], [row(2), row(1)]), ids={1}, keys={waiting.key})
+    assert [(i.id, i.own) for i in items] == [(None, True), (2, False), (1, True)]
+
+
+def test_own_drawings_keep_tokens_by_id_and_by_key_until_stored() -> None:
+    storage: dict[str, object] = {}
+    own = OwnDrawings(storage, limit=3)
+    stored, waiting = outcome(prediction_id=1), outcome()
+    own.remember(stored)
+    own.remember(waiting)
+    assert own.ids == {1} and own.token(1) == stored.label_token and own.token(2) is None
+    assert own.waiting_keys == {waiting.key}
+    waiting.id = 2  # stored by the retry loop
+    own.settle([waiting])
+    assert own.ids == {1, 2} and own.token(2) == waiting.label_token and own.waiting_keys == set()
+    for i in (3, 4):
+        own.remember(outcome(prediction_id=i))
+    assert own.ids == {2, 3, 4}  # at most `limit`, the newest
+    own.forget(3)
+    assert own.ids == {2, 4}
+    own.remember(gone := outcome())
+    own.drop_keys({gone.key})
+    assert own.waiting_keys == set()
+    assert OwnDrawings({"drawings": "garbled"}).ids == set()  # a bad value in the storage: nothing owned
