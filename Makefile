@@ -47,6 +47,8 @@ lock: $(STAMP)
 	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - -c $(LOCK) -o requirements/ui.txt
 	$(UV_COMPILE) requirements/torchserve.in -c $(LOCK) \
 		$(addprefix --find-links ,$(TORCH_FIND_LINKS)) -o requirements/torchserve.txt
+	$(UV_COMPILE) requirements/trainer.in -c $(LOCK) \
+		$(addprefix --find-links ,$(TORCH_FIND_LINKS)) -o requirements/trainer.txt
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -72,6 +74,8 @@ stop:
 
 model: install
 	$(BIN)/python -m training.train --data-dir $(MNIST_DIR)
+	$(BIN)/python -m training.calibrate --data-dir $(MNIST_DIR)
+	$(BIN)/python -m training.digitness --data-dir $(MNIST_DIR)
 	$(BIN)/python -m training.export
 
 bench: install

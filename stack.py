@@ -18,6 +18,12 @@
    TorchServe's keys (token authorization) come from its key file: the one of the TorchServe
    started here, else `TORCHSERVE_KEY_FILE` (`serving.keys`); a model that refuses the key is not
    READY for this run.
+   After every start and restart of a TorchServe started here, the registry's live model version
+   is registered and made the default again (`serving.registry.ModelRegistry.restore_live`): a
+   promoted version survives a restart; the shipped 1.0 is recorded as live on the first run.
+   The trainer worker (`python -m serving.trainer`, the learning loop's retraining runs) is
+   started beside a TorchServe on this machine, restarted when it exits, stopped at the end
+   (`--no-trainer`: not started); its log is `run_dir/trainer/trainer.log`.
 4. The operator token: `ADMIN_TOKEN`, else the one in `data_dir/admin_token` (made there, mode
    0600, on the first run; its path is printed, never its value).
 5. The UI (`ui.app.serve`) until Ctrl-C or SIGTERM; then what this run started, in reverse order.
@@ -28,6 +34,7 @@ already started.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import enum
 import fcntl
@@ -152,14 +159,34 @@ def use_database(settings: Settings, cleanup: contextlib.ExitStack) -> str:
     return database.url
 
 
-def use_torchserve(settings: Settings, cleanup: contextlib.ExitStack, allowed: bool) -> Settings:
+def restore_live_version(settings: Settings, database_url: str) -> str | None:
+    """The registry's live version served by TorchServe again (`ModelRegistry.restore_live`)."""
+    from db.registry import Registry
+    from serving.registry import ModelRegistry
+
+    async def restore() -> str | None:
+        registry = await Registry.open(database_url, max_size=1, application_name="make-run")
+        models = ModelRegistry.from_settings(settings, registry)
+        try:
+            return await models.restore_live()
+        finally:
+            await models.close()
+            await registry.close()
+
+    return asyncio.run(restore())
+
+
+def use_torchserve(
+    settings: Settings, cleanup: contextlib.ExitStack, allowed: bool, database_url: str | None = None
+) -> Settings:
     """Follow `plan_torchserve`, saying what is done; a started TorchServe is stopped at the end.
 
     Returns the settings for the UI: with the key file of the TorchServe in this run folder when
-    that is the one used (started here, a leftover, or supervised elsewhere).
+    that is the one used (started here, a leftover, or supervised elsewhere). With `database_url`,
+    a TorchServe started here serves the registry's live version after every (re)start.
     """
     from serving.supervisor import Supervisor
-    from serving.torchserve import ServeConfig, read_pid, stop
+    from serving.torchserve import ServeConfig, read_pid, seed_store, shipped_archive, stop
     from serving.watchdog import live_owner
 
     config = ServeConfig.from_settings(settings)
@@ -192,13 +219,56 @@ def use_torchserve(settings: Settings, cleanup: contextlib.ExitStack, allowed: b
     if plan is TorchServePlan.RESTART_LEFTOVER:
         say(f"model: stopping the TorchServe an earlier run left behind (pid {leftover}, {config.run_dir})")
         stop(config)
-    supervisor = Supervisor(config, report=lambda message: say(f"model: {message}"))
+    if seed_store(config, shipped_archive(settings)):
+        say(f"model: copied {shipped_archive(settings)} into the archive folder {config.model_store}")
+
+    def restore(server: object) -> None:
+        if database_url is not None:
+            version = restore_live_version(ours, database_url)
+            say(f"model: live version {version} (model registry)")
+
+    supervisor = Supervisor(config, report=lambda message: say(f"model: {message}"), on_start=restore)
     say("model: starting TorchServe (takes a few seconds) ...")
     supervisor.start()
     cleanup.callback(_step("TorchServe", supervisor.stop))
     supervisor.run_in_background()
     say(f"model: TorchServe ready at {where} (restarted if it dies)")
     return ours
+
+
+def use_trainer(settings: Settings, database_url: str, cleanup: contextlib.ExitStack, allowed: bool) -> None:
+    """The trainer worker beside a TorchServe on this machine (it writes into its model store),
+    restarted when it exits, stopped at the end."""
+    from serving.child import SupervisedProcess
+
+    if not allowed:
+        say("trainer: not started (--no-trainer); retraining runs wait in the queue")
+        return
+    if not is_local(settings.inference_url):
+        say(f"trainer: not started here (TorchServe at {settings.inference_url} has its own model store)")
+        return
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "ARCHIVE_DIR": str(settings.archives),
+        "DATA_DIR": str(settings.data_dir),
+        "RUN_DIR": str(settings.run_dir),
+        "INFERENCE_URL": settings.inference_url,
+        "MANAGEMENT_URL": settings.management_url,
+    }
+    if settings.torchserve_key_file is not None:
+        env["TORCHSERVE_KEY_FILE"] = str(settings.torchserve_key_file)
+    log_file = settings.run_dir / "trainer" / "trainer.log"
+    trainer = SupervisedProcess(
+        "trainer",
+        [sys.executable, "-m", "serving.trainer", "--exit-with-parent"],
+        env,
+        log_file,
+        report=lambda message: say(f"trainer: {message}"),
+    )
+    trainer.start()
+    cleanup.callback(_step("the trainer", trainer.stop))
+    say(f"trainer: started (pid {trainer.pid}; log {log_file})")
 
 
 ADMIN_TOKEN_FILE = "admin_token"
@@ -267,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="UI address (default: UI_HOST, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="UI port (default: UI_PORT, 8500)")
     parser.add_argument("--no-torchserve", action="store_true", help="never start TorchServe here")
+    parser.add_argument("--no-trainer", action="store_true", help="do not start the trainer worker")
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -282,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"make run: {url} is in use; set UI_PORT", file=sys.stderr)
                 return EXIT_ALREADY_RUNNING
             database_url = use_database(settings, cleanup)
-            settings = use_torchserve(settings, cleanup, allowed=not args.no_torchserve)
+            settings = use_torchserve(
+                settings, cleanup, allowed=not args.no_torchserve, database_url=database_url
+            )
+            use_trainer(settings, database_url, cleanup, allowed=not args.no_trainer)
             settings = use_storage_secret(use_admin_token(settings))
             serve_ui(
                 settings,

@@ -6,7 +6,10 @@
 Starts its own TorchServe (config.properties, model_store/mnist.mar, free ports, a temp run
 folder) and measures, with a 280x280 canvas PNG (what the page sends):
 
-- sequential latency p50/p95 (one client, keep-alive);
+- sequential latency p50/p95 (one client, keep-alive), and the handler's own time split per
+  request (decode, preprocess, model: its `Server-Timing` header) beside the same split in-process;
+- the model's forward time per image on one thread: eager torch, the fused torch model and the
+  runtime the handler serves with (ONNX Runtime when installed);
 - throughput with 1, 8 and 32 concurrent clients;
 - the floor: the archive's own preprocessing and model in this process (single requests for
   latency and 1 client, batches of 8 and 32 for 8 and 32 clients), and TorchServe / floor;
@@ -21,9 +24,11 @@ The machine's 2 cores are shared with the client threads, so the figures are a l
 from __future__ import annotations
 
 import argparse
+import copy
 import http.client
 import importlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -72,29 +77,49 @@ class Client:
         self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
 
     def post(self, body: bytes) -> tuple[int, bytes]:
+        status, data, _ = self.post_timed(body)
+        return status, data
+
+    def post_timed(self, body: bytes) -> tuple[int, bytes, str]:
+        """Status, body and the handler's Server-Timing header."""
         self.conn.request(
             "POST", self.path, body=body, headers={"Content-Type": "image/png", **KEYS["inference"]}
         )
         response = self.conn.getresponse()
-        return response.status, response.read()
+        return response.status, response.read(), response.getheader("Server-Timing") or ""
 
     def close(self) -> None:
         self.conn.close()
 
 
-def sequential_latency(url: str, body: bytes, count: int) -> list[float]:
-    """Milliseconds per request, one after the other."""
+def timing_parts(header: str) -> dict[str, float]:
+    """`decode;dur=0.3, preprocess;dur=0.9, model;dur=0.5;desc=...` -> {"decode": 0.3, ...}."""
+    parts = {}
+    for item in filter(None, header.split(",")):
+        name, *params = (p.strip() for p in item.split(";"))
+        parts[name] = next((float(p[4:]) for p in params if p.startswith("dur=")), float("nan"))
+    return parts
+
+
+SPLIT = ("decode", "preprocess", "model")
+
+
+def sequential_latency(url: str, body: bytes, count: int) -> tuple[list[float], dict[str, list[float]]]:
+    """Milliseconds per request, one after the other, and the handler's split of each."""
     client = Client(url)
     for _ in range(WARM_UP):
         client.post(body)
     times = []
+    split: dict[str, list[float]] = {name: [] for name in SPLIT}
     for _ in range(count):
         t0 = time.perf_counter()
-        status, _ = client.post(body)
+        status, _, timing = client.post_timed(body)
         times.append((time.perf_counter() - t0) * 1000)
         assert status == 200, status
+        for name, value in timing_parts(timing).items():
+            split.setdefault(name, []).append(value)
     client.close()
-    return times
+    return times, split
 
 
 def throughput(url: str, body: bytes, clients: int, seconds: float) -> tuple[float, int]:
@@ -137,17 +162,70 @@ class Floor:
         sys.path.insert(0, str(workdir))
         self.pp = importlib.import_module("preprocess")
         net_module = importlib.import_module(Path(manifest["model"]["modelFile"]).stem)
-        handler = importlib.import_module(Path(manifest["model"]["handler"]).stem)
-        model = net_module.Net()
-        model.load_state_dict(torch.load(workdir / manifest["model"]["serializedFile"], map_location="cpu"))
-        self.model = handler.for_inference(model)  # exactly what the handler runs
+        importlib.import_module(Path(manifest["model"]["handler"]).stem)  # loads, as TorchServe does
+        self.handler = handler = importlib.import_module("model_runtime")
+        self.eager = net_module.Net()
+        self.eager.load_state_dict(
+            torch.load(workdir / manifest["model"]["serializedFile"], map_location="cpu")
+        )
+        self.eager.eval()
+        self.fused = handler.for_inference(handler.LogitsAndFeatures(copy.deepcopy(self.eager)))
+        # exactly what the handler runs: its fast runtime when there is one, else the fused torch model
+        fast = handler.onnx_forward(workdir / handler.ONNX_FILE, torch.get_num_threads())
+        self.runtime = "onnxruntime" if fast else "torch"
+        self.forward_fn = fast or handler.torch_forward(self.fused, torch.device("cpu"))
+        self.temperature = handler.read_temperature(workdir)
+        self.head = handler.read_digit_head(workdir)
+
+    def model(self, batch: np.ndarray) -> np.ndarray:
+        """What the handler does after preprocessing: forward, calibrated softmax, the digit head."""
+        logits, features = self.forward_fn(batch)
+        if self.head is not None:
+            self.head.is_digit(features)
+        probs: np.ndarray = self.handler.calibrated(logits, self.temperature)
+        return probs
 
     def predict(self, bodies: list[bytes]) -> list[int]:
         digits = np.stack([self.pp.preprocess(b) for b in bodies])
-        batch = torch.from_numpy(self.pp.normalize(digits)).unsqueeze(1)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return torch.softmax(self.model(batch), dim=1).argmax(1).tolist()
+        return [int(i) for i in self.model(self.pp.normalize(digits)[:, None]).argmax(1)]
+
+    def split(self, body: bytes, count: int) -> dict[str, list[float]]:
+        """The handler's three steps timed one by one, in this process (batch of 1)."""
+        out: dict[str, list[float]] = {name: [] for name in SPLIT}
+        for i in range(count + 20):
+            t0 = time.perf_counter()
+            image = self.pp.load_image(self.pp.decode_payload(body, "image/png"))
+            t1 = time.perf_counter()
+            digit = self.pp.preprocess(image)
+            t2 = time.perf_counter()
+            self.model(self.pp.normalize(digit[None])[:, None])
+            t3 = time.perf_counter()
+            if i >= 20:  # warmed up
+                for name, a, b in (("decode", t0, t1), ("preprocess", t1, t2), ("model", t2, t3)):
+                    out[name].append((b - a) * 1000)
+        return out
+
+    def forward(self, body: bytes, count: int) -> dict[str, list[float]]:
+        """Forward time per image at batch 1: eager torch, fused torch, and the served runtime."""
+        x = self.pp.normalize(self.pp.preprocess(body)[None])[:, None]
+        runs = {
+            "eager torch": self.handler.torch_forward(
+                self.handler.LogitsAndFeatures(self.eager), torch.device("cpu")
+            ),
+            "fused torch (channels-last)": self.handler.torch_forward(self.fused, torch.device("cpu")),
+            f"served ({self.runtime})": self.forward_fn,
+        }
+        out: dict[str, list[float]] = {}
+        for name, run in runs.items():
+            for _ in range(50):
+                run(x)
+            times = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                run(x)
+                times.append((time.perf_counter() - t0) * 1000)
+            out[name] = times
+        return out
 
     def latency(self, body: bytes, count: int) -> list[float]:
         for _ in range(20):
@@ -208,12 +286,29 @@ def accuracy(url: str, bodies: list[bytes], labels: np.ndarray) -> tuple[float, 
 
 def report_latency_and_throughput(url: str, floor: Floor, body: bytes, requests: int, seconds: float) -> None:
     throughput(url, body, 8, seconds)  # warm-up: the Java frontend's JIT, every netty and worker thread
-    ts_lat = sequential_latency(url, body, requests)
+    ts_lat, ts_split = sequential_latency(url, body, requests)
     fl_lat = floor.latency(body, requests)
     print("\nsequential latency (ms)      p50     p95")
     print(f"  TorchServe             {percentile(ts_lat, 50):7.2f} {percentile(ts_lat, 95):7.2f}")
     print(f"  in-process floor       {percentile(fl_lat, 50):7.2f} {percentile(fl_lat, 95):7.2f}")
     print(f"  ratio                  {percentile(ts_lat, 50) / percentile(fl_lat, 50):7.2f}")
+    fl_split = floor.split(body, requests)
+    print(f"\nhandler time split per request (ms, p50; model = {floor.runtime}, T={floor.temperature:g})")
+    print("                              " + "".join(f"{name:>12s}" for name in SPLIT) + "   handler total")
+    for label, split in (("inside TorchServe (header)", ts_split), ("in-process", fl_split)):
+        if not all(split.get(name) for name in SPLIT):
+            print(f"  {label:28s} (no Server-Timing header: an archive from before it)")
+            continue
+        medians = [percentile(split[name], 50) for name in SPLIT]
+        total = percentile([sum(v) for v in zip(*(split[n] for n in SPLIT), strict=True)], 50)
+        print(f"  {label:28s}" + "".join(f"{m:12.3f}" for m in medians) + f"   {total:8.3f}")
+    if all(ts_split.get(name) for name in SPLIT):
+        inside = [sum(v) for v in zip(*(ts_split[n] for n in SPLIT), strict=True)]
+        overhead = percentile(ts_lat, 50) - percentile(inside, 50)
+        print(f"  TorchServe's own overhead (latency - handler, p50): {overhead:.3f}")
+    print("\nmodel forward per image, batch 1, one thread (ms)     p50     p95")
+    for name, times in floor.forward(body, requests).items():
+        print(f"  {name:48s} {percentile(times, 50):7.3f} {percentile(times, 95):7.3f}")
     print("\nthroughput (predictions/s)   TorchServe   floor   ratio   5xx")
     for clients in CLIENTS:
         rate, errors = throughput(url, body, clients, seconds)
@@ -271,6 +366,7 @@ def main() -> None:
     body = render(images[0], "canvas")
     print(f"torch {torch.__version__}; payload: a 280x280 canvas PNG ({len(body)} bytes)")
     print(f"{psutil.cpu_count()} cores, shared with the client threads (and anything else running)")
+    print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         *urls, grpc_inference, grpc_management = free_ports(5)

@@ -18,8 +18,8 @@ import psycopg
 
 from db.embedded import EmbeddedPostgresError
 from db.errors import StoreError
-from db.export import export_zip
-from db.migrate import MigrationError, migrate
+from db.export import drawing_files, export_zip
+from db.migrate import MigrationError, apply_all
 from db.runtime import database_url
 from db.store import Store
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_migrate(url: str | None) -> int:
     try:
         with database_url(url) as resolved:
-            names = migrate(resolved)
+            applied = apply_all(resolved)
     except MigrationError as exc:
         print(f"migration error: {exc}", file=sys.stderr)
         return 1
@@ -57,6 +57,7 @@ def run_migrate(url: str | None) -> int:
     except EmbeddedPostgresError as exc:
         print(f"migration failed: {exc}", file=sys.stderr)
         return 1
+    names = applied.files + (["the job queue's schema (procrastinate)"] if applied.queue_schema else [])
     print("applied: " + ", ".join(names) if names else "up to date: nothing to apply")
     return 0
 
@@ -74,7 +75,7 @@ def run_export(url: str | None, out: Path) -> int:
         return 1
     out.write_bytes(data)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        count = sum(1 for name in zf.namelist() if name.endswith(".png"))
+        count = len(drawing_files(zf))
     print(f"wrote {out}: {count} labelled drawings")
     return 0
 

@@ -4,6 +4,11 @@
 server under `data_dir/postgres`. Each file runs in its own transaction and is recorded in
 `schema_migrations` with its SHA-256; a PostgreSQL advisory lock serialises concurrent runs; an
 applied file whose content has changed since is an error, never silently re-run.
+
+After our files, the job queue's own schema (procrastinate's, `db.queue`) is applied under the same
+lock when its tables are absent, so that one step migrates everything. Only a run on the app's own
+`MIGRATIONS_DIR` does so (tests of the runner with other folders do not), and procrastinate is
+imported only then: `import db.migrate` does not import it.
 """
 
 from __future__ import annotations
@@ -87,8 +92,24 @@ def pending(migrations: list[Migration], applied: dict[int, tuple[str, str]]) ->
     return [m for m in migrations if m.version not in applied]
 
 
-def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply the pending migrations to the database at `url`; return the file names applied now."""
+@dataclass(frozen=True)
+class Applied:
+    """What one run applied: our files (names), and whether the queue's schema was applied now."""
+
+    files: list[str]
+    queue_schema: bool
+
+
+def migrate(url: str, directory: Path = MIGRATIONS_DIR, *, queue_schema: bool | None = None) -> list[str]:
+    """Apply the pending migrations to the database at `url`; return the file names applied now.
+    `queue_schema`: also apply the job queue's schema when absent (default: for `MIGRATIONS_DIR` only)."""
+    return apply_all(url, directory, queue_schema=queue_schema).files
+
+
+def apply_all(url: str, directory: Path = MIGRATIONS_DIR, *, queue_schema: bool | None = None) -> Applied:
+    """`migrate`, saying also whether the queue's schema was applied now (`python -m db migrate` says)."""
+    if queue_schema is None:
+        queue_schema = directory.resolve() == MIGRATIONS_DIR
     migrations = load_migrations(directory)
     if not migrations:  # e.g. a package installed without its data files: never report "up to date"
         raise MigrationError(f"no migration files in {directory}")
@@ -107,10 +128,20 @@ def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                         (migration.version, migration.name, migration.checksum),
                     )
                 applied_now.append(migration.filename)
+            queue_applied = False
+            if queue_schema:
+                from db.queue import apply_schema_locked
+
+                try:
+                    queue_applied = apply_schema_locked(conn)
+                except ImportError as exc:
+                    raise MigrationError(
+                        f"the job queue's schema comes from the procrastinate package, not installed: {exc}"
+                    ) from exc
         finally:
             if not conn.closed:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
-    return applied_now
+    return Applied(applied_now, queue_applied)
 
 
 if __name__ == "__main__":  # the former command, `python -m db.migrate [--url URL]`

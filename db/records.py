@@ -1,4 +1,4 @@
-"""What the store takes and gives back, and the pure rules a prediction must follow.
+"""What the store and the registry take and give back, and the pure rules their rows must follow.
 
 The rules are the same as the schema's CHECK constraints (`db/migrations/`): checking them here
 first gives a clear message before any round trip, and the database still refuses SQL that skips them.
@@ -12,9 +12,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, TypeGuard
+from typing import Any, Literal, TypeGuard
 
-from db.errors import InvalidLabel, InvalidPrediction, PredictionNotFound
+from db.errors import InvalidLabel, InvalidPrediction, PredictionNotFound, StoreError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 2_000_000  # also a CHECK constraint in the schema
@@ -220,3 +220,156 @@ def _is_blob(x: object) -> TypeGuard[bytes | bytearray | memoryview]:
 
 def _is_aware(x: object) -> bool:
     return isinstance(x, datetime) and x.utcoffset() is not None
+
+
+# -- the model registry and training runs (migration 0007, `db.registry`) ---------------------------------
+
+VersionState = Literal["candidate", "live", "retired", "failed"]
+VERSION_STATES: tuple[VersionState, ...] = ("candidate", "live", "retired", "failed")
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+RUN_STATUSES: tuple[RunStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_RUN_STATUSES: tuple[RunStatus, ...] = ("succeeded", "failed", "cancelled")
+# A version is a path segment of TorchServe's URLs (`/predictions/mnist/<version>`) and part of an
+# archive's file name: letters, digits, dot, dash, underscore (CHECK constraint of migration 0007).
+VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,99}")
+ARCHIVE_FILE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,199}")  # a file name in the archive folder, no path
+
+
+class VersionNotFound(StoreError, LookupError):
+    """No model version with this name in the registry."""
+
+
+class VersionExists(StoreError, ValueError):
+    """A model version with this name is registered already (versions are never reused)."""
+
+
+class RunNotFound(StoreError, LookupError):
+    """No training run with this id."""
+
+
+class InvalidRegistryValue(StoreError, ValueError):
+    """A version name, archive file, checksum, state, status, progress or option breaks a schema rule."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One row of `model_versions`: an archive the registry knows, and what became of it.
+
+    `feedback_count` / `feedback_max_id`: how many labelled drawings trained it and the highest
+    prediction id among them (None: none, e.g. the shipped 1.0). `evaluation`: free JSON written by
+    the trainer (accuracies on MNIST test and held-out feedback, per digit). `reason`: why it is
+    in its state (the gate's verdict, "replaced by 3.0", ...).
+    """
+
+    version: str
+    archive_file: str
+    archive_sha256: str
+    parent_version: str | None
+    created_at: datetime
+    feedback_count: int
+    feedback_max_id: int | None
+    evaluation: dict[str, Any]
+    state: VersionState
+    reason: str
+    promoted_at: datetime | None
+    run_id: int | None
+
+    @property
+    def live(self) -> bool:
+        return self.state == "live"
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One row of `training_runs`. `history`: one object per epoch/step (epoch, loss, accuracy, ...);
+    `job_id`: the queue's (procrastinate) job id, None until the job is deferred; `version`: the
+    version the run produced, if any."""
+
+    id: int
+    status: RunStatus
+    progress: float
+    message: str
+    options: dict[str, Any]
+    history: list[dict[str, Any]]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    version: str | None
+    promoted: bool
+    job_id: int | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_RUN_STATUSES
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """A labelled drawing to train on: the prediction id, the PNG as the person drew it, the digit."""
+
+    id: int
+    png: bytes
+    label: int
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """A labelled prediction whose label is not the model's digit: what the operator reviews."""
+
+    id: int
+    created_at: datetime
+    label: int
+    digit: int
+    confidence: float
+    model_version: str
+    excluded: bool
+
+
+def validate_version(version: object) -> str:
+    """A version name as TorchServe and the archive folder take it; InvalidRegistryValue otherwise."""
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
+        raise InvalidRegistryValue(
+            f"a version is 1-100 letters, digits, '.', '-' or '_' (not starting with a sign), got {version!r}"
+        )
+    return version
+
+
+def validate_archive_file(name: object) -> str:
+    """A file name in the archive folder (no directory part)."""
+    if not isinstance(name, str) or not ARCHIVE_FILE.fullmatch(name):
+        raise InvalidRegistryValue(f"archive_file must be a plain file name, got {name!r}")
+    return name
+
+
+def validate_sha256(value: object) -> str:
+    if not isinstance(value, str) or not TOKEN_HASH.fullmatch(value):
+        raise InvalidRegistryValue(f"archive_sha256 must be 64 lowercase hex digits, got {value!r}")
+    return value
+
+
+def validate_state(state: object) -> VersionState:
+    for name in VERSION_STATES:
+        if state == name:
+            return name
+    raise InvalidRegistryValue(f"state must be one of {', '.join(VERSION_STATES)}; got {state!r}")
+
+
+def validate_final_status(status: object) -> RunStatus:
+    """The status a run ends with: succeeded, failed or cancelled."""
+    for name in FINAL_RUN_STATUSES:
+        if status == name:
+            return name
+    raise InvalidRegistryValue(f"a run ends as one of {', '.join(FINAL_RUN_STATUSES)}; got {status!r}")
+
+
+def validate_progress(progress: object) -> float:
+    if not (isinstance(progress, int | float) and _is_number(progress) and 0 <= progress <= 1):
+        raise InvalidRegistryValue(f"progress must be a number from 0 to 1, got {progress!r}")
+    return float(progress)
+
+
+def validate_run_id(run_id: object) -> int:
+    """A run id as an int; anything that cannot be a stored id is RunNotFound."""
+    if not is_count(run_id, 1, 2**63 - 1):
+        raise RunNotFound(f"no training run with id {run_id!r}")
+    return run_id

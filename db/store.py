@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -502,6 +502,29 @@ class Store:
         (`Forbidden` otherwise); `PredictionNotFound` (also when deleted already)."""
         await self._guarded_write(DELETE, self._guarded(prediction_id, token_hash))
 
+    async def count(self) -> int:
+        """How many predictions are stored (from the trigger-kept counters: no scan)."""
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT coalesce(sum(n), 0) FROM prediction_counts")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def prune_unlabelled(self, count: int) -> int:
+        """Delete the `count` oldest drawings nobody labelled (and their images); how many went.
+
+        What the storage quota frees when the operator allows it (`STORAGE_PRUNE`): labelled
+        drawings, the ones that train the next model, are never pruned.
+        """
+        if not is_count(count, 1, 100_000):
+            raise ValueError(f"count must be 1-100000, got {count!r}")
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM predictions WHERE id IN (SELECT id FROM predictions "
+                "WHERE true_label IS NULL AND NOT not_a_digit ORDER BY id LIMIT %s)",
+                (count,),
+            )
+            return cur.rowcount
+
     async def replace_label_token(self, prediction_id: int, token_hash: str) -> None:
         """Give a row a new label token hash (the old token stops working); `PredictionNotFound`."""
         prediction_id = validate_id(prediction_id)
@@ -551,26 +574,32 @@ class Store:
         return None if row is None else PredictionRow(*row)
 
     async def recent(
-        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+        self,
+        limit: int = 20,
+        before_id: int | None = None,
+        *,
+        only: Only = "all",
+        ids: Collection[int] | None = None,
     ) -> list[PredictionRow]:
         """Newest first, at most `limit` (1-500), all or `only` the wrong (labelled with another digit),
-        unlabelled or not-a-digit ones; the next page is `recent(limit, before_id=last.id, only=...)`."""
+        unlabelled or not-a-digit ones, and only rows in `ids` when given (a person's own drawings: the
+        public page shows nobody else's); the next page is `recent(limit, before_id=last.id, ...)`."""
         where = FILTERS[validate_only(only)]
         if not is_count(limit, 1, MAX_PAGE):
             raise ValueError(f"limit must be 1-{MAX_PAGE}, got {limit!r}")
         if before_id is not None and not is_count(before_id, -(2**63)):
             raise ValueError(f"before_id must be an id, got {before_id!r}")
-        before_id = None if before_id is None else min(before_id, 2**63 - 1)
+        before_id = 2**63 - 1 if before_id is None else min(before_id, 2**63 - 1)  # ids are below it
+        wanted = None if ids is None else sorted({i for i in ids if is_count(i, 1, 2**63 - 1)})
+        if wanted is not None and not wanted:
+            return []
+        only_ids = "" if wanted is None else "AND id = ANY(%s) "
+        params: tuple[Any, ...] = (before_id, limit) if wanted is None else (before_id, wanted, limit)
+        query = (
+            f"SELECT {COLUMNS} FROM predictions WHERE id < %s {only_ids}AND {where} ORDER BY id DESC LIMIT %s"
+        )
         async with self._connection() as conn:
-            if before_id is None:
-                cur = await conn.execute(
-                    f"SELECT {COLUMNS} FROM predictions WHERE {where} ORDER BY id DESC LIMIT %s", (limit,)
-                )
-            else:
-                cur = await conn.execute(
-                    f"SELECT {COLUMNS} FROM predictions WHERE id < %s AND {where} ORDER BY id DESC LIMIT %s",
-                    (before_id, limit),
-                )
+            cur = await conn.execute(query, params)
             rows = await cur.fetchall()
         return [PredictionRow(*row) for row in rows]
 

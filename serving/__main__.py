@@ -20,7 +20,17 @@ from serving.keys import KeyFileAuth, key_file_of
 from serving.management import ManagementClient
 from serving.ports import local_url
 from serving.supervisor import Supervisor
-from serving.torchserve import START_TIMEOUT_S, ServeConfig, ServeError, describe, start, status, stop
+from serving.torchserve import (
+    START_TIMEOUT_S,
+    ServeConfig,
+    ServeError,
+    describe,
+    seed_store,
+    shipped_archive,
+    start,
+    status,
+    stop,
+)
 from serving.watchdog import live_owner
 from settings import Settings, get_settings
 
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "health":
         return health(settings)
     config = ServeConfig.from_settings(settings)
+    if args.action in ("run", "start") and seed_store(config, shipped_archive(settings)):
+        print(f"Copied {shipped_archive(settings)} into the model store {config.model_store}", flush=True)
     if args.action == "run":
         return run(config, args.timeout)
     if args.action == "start":

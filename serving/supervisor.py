@@ -6,6 +6,10 @@
     ...
     supervisor.stop()                  # TorchServe, the watch loop and the watchdog
 
+`on_start(server)` runs after every start that succeeded, the first one and each restart: `make
+run` puts the registry's live model version back there (TorchServe itself only knows the shipped
+archive it registers at start). Its failure is reported, never fatal: TorchServe still serves.
+
 TorchServe's launcher waits on its Java frontend, so the frontend's death (kill -9, out of memory)
 ends the launcher, the leader of TorchServe's process group: the watch loop polls it and starts a
 fresh TorchServe (after stopping what is left of the old group: workers outlive the frontend).
@@ -73,6 +77,7 @@ class Supervisor:
         report: Callable[[str], None] = _stderr,
         watchdog: bool = True,
         poll_s: float = POLL_S,
+        on_start: Callable[[Server], None] | None = None,
     ) -> None:
         self.config = config
         self.backoff = backoff
@@ -81,6 +86,7 @@ class Supervisor:
         self.report = report
         self.watchdog = watchdog
         self.poll_s = poll_s
+        self.on_start = on_start
         self.server: Server | None = None
         self.restarts = 0
         self._stopping = threading.Event()
@@ -98,7 +104,17 @@ class Supervisor:
         except BaseException:
             self._release()
             raise
+        self._started(self.server)
         return self.server
+
+    def _started(self, server: Server) -> None:
+        if self.on_start is None:
+            return
+        try:
+            self.on_start(server)
+        except Exception as exc:  # TorchServe runs; what the hook adds is retried elsewhere
+            reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            self.report(f"after the TorchServe start: {reason}")
 
     def _start(self) -> Server:
         return start(self.config, timeout=self.timeout, console=self.console, cancel=self._stopping)
@@ -135,6 +151,7 @@ class Supervisor:
                     f"TorchServe is back (pid {self.server.pid}, restart {self.restarts}, "
                     f"{time.monotonic() - died_at:.1f} s after it exited)"
                 )
+                self._started(self.server)
                 break
 
     def run_in_background(self) -> threading.Thread:

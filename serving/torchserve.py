@@ -27,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +51,7 @@ from serving.management import (
     worker_states,
 )
 from serving.ports import local_url, port_free
-from settings import Settings
+from settings import Settings, archive_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = ROOT / "config.properties"
@@ -73,6 +75,9 @@ def _default(name: str) -> Any:
     return Settings.model_fields[name].default
 
 
+DEFAULT_STORE = archive_folder(_default("archive_dir"), _default("data_dir"))
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Where TorchServe listens, what it serves and where it keeps its files.
@@ -80,7 +85,8 @@ class ServeConfig:
     The defaults are `Settings`' defaults (the environment is read only by `from_settings`).
     """
 
-    model_store: Path = Path(_default("model_store"))
+    # TorchServe's model store: the archive folder (settings' `archives`), never the git tree.
+    model_store: Path = DEFAULT_STORE
     run_dir: Path = Path(_default("run_dir")) / "torchserve"  # TorchServe's own folder (pid, logs, temp)
     inference_url: str = _default("inference_url")
     management_url: str = _default("management_url")
@@ -106,7 +112,7 @@ class ServeConfig:
 
             settings = get_settings()
         return cls(
-            model_store=Path(settings.model_store),
+            model_store=settings.archives,
             run_dir=Path(settings.run_dir) / "torchserve",
             inference_url=settings.inference_url,
             management_url=settings.management_url,
@@ -246,6 +252,35 @@ def command(config: ServeConfig) -> list[str]:
         str(LOG_CONFIG),
         "--no-config-snapshots",
     ]
+
+
+def shipped_archive(settings: Settings) -> Path:
+    """The archive in the git tree (`model_store/mnist.mar`, version 1.0), built by `make model`."""
+    return Path(settings.model_store) / f"{settings.model_name}.mar"
+
+
+def seed_store(config: ServeConfig, shipped: Path) -> bool:
+    """Copy the shipped archive into the model store as `<model>.mar` when absent; True if copied.
+
+    The model store is the archive folder under the data folder (the trainer writes new versions
+    there), so a fresh data folder starts with the shipped model. An archive already there is
+    kept (it is what the registry recorded). Copied under a temporary name of its own, then
+    renamed: a TorchServe starting meanwhile never sees half an archive, and seeders starting
+    together (pods sharing one volume) never write into each other's copy.
+    """
+    if config.mar_file.is_file() or not shipped.is_file():
+        return False
+    config.model_store.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{config.mar_file.name}.", suffix=".partial", dir=config.model_store)
+    os.close(fd)
+    partial = Path(name)
+    try:
+        shutil.copyfile(shipped, partial)
+        partial.chmod(0o644)
+        os.replace(partial, config.mar_file)
+    finally:
+        partial.unlink(missing_ok=True)
+    return True
 
 
 def busy_ports(config: ServeConfig) -> list[str]:

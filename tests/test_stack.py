@@ -215,6 +215,14 @@ def test_make_run_starts_everything_refuses_a_second_run_and_leaves_nothing(tmp_
         started = processes_under(tmp_path) + processes_under(data_dir)
         assert any("postgres" in " ".join(p.cmdline()) for p in started), "no embedded PostgreSQL found"
         assert any("model_server" in " ".join(p.cmdline()) for p in started), "no TorchServe found"
+        # The learning loop: the shipped archive copied into the archive folder (TorchServe's model
+        # store), recorded as the live version, and the trainer worker running beside TorchServe.
+        assert (data_dir / "archives" / "mnist.mar").is_file()
+        assert "model: live version 1.0 (model registry)" in log.read_text()
+        children = psutil.Process(process.pid).children(recursive=True)
+        trainers = [p for p in children if "serving.trainer" in p.cmdline()]
+        assert len(trainers) == 1 and "trainer: started" in log.read_text(), log.read_text()
+        started += trainers
 
         second = subprocess.run(
             [sys.executable, "-m", "stack"],
@@ -237,6 +245,7 @@ def test_make_run_starts_everything_refuses_a_second_run_and_leaves_nothing(tmp_
     left = processes_under(tmp_path) + processes_under(data_dir)
     assert not left, f"left running: {[p.cmdline() for p in left]}\n{log.read_text()}"
     assert "stopping TorchServe" in log.read_text() and "stopping embedded PostgreSQL" in log.read_text()
+    assert "stopping the trainer" in log.read_text() and not any(p.is_running() for p in trainers)
     shutil.rmtree(data_dir, ignore_errors=True)
 
 

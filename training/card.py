@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training import card_sections
+
 CARD_JSON = "mnist.json"
 CARD_MD = "MODEL_CARD.md"
 
@@ -59,7 +61,11 @@ def render(card: dict[str, Any]) -> str:
         "",
         f"**Augmentation.** {t['augment']} — {t['augment_config']}",
         "",
-        "Plots: `confusion_matrix.png`, `worst_classified.png`; figures: `evaluation.json`.",
+    ]
+    lines += card_sections.calibration_lines(card) + card_sections.digitness_lines(card)
+    lines += [
+        "Plots: `confusion_matrix.png`, `worst_classified.png`, `reliability.png`; "
+        "figures: `evaluation.json`.",
         "",
     ]
     return "\n".join(lines)

@@ -4,11 +4,16 @@ Labels and deletion belong to whoever made the drawing: `POST /api/predictions` 
 `label_token`, which `PUT .../label` and `DELETE` need as `X-Label-Token`; the operator
 (`Authorization: Bearer <ADMIN_TOKEN>`) may change any row. Without either: 403, before any
 lookup (ids are sequential: guessing one must not be enough).
+
+Drawings are private: the list of all drawings and the export are the operator's; a drawing's
+image needs the operator token or its signed URL (`image_url`, given to whoever made it and on the
+operator's lists: see `ui.signing`). Statistics are aggregate and public.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at definition time,
 # and the dependency `authority` is local to `build_router`.
 import math
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Self
@@ -16,9 +21,10 @@ from typing import Annotated, Any, Self
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response, Security
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool, model_validator
+from starlette.background import BackgroundTask
 from starlette.routing import Match
 
 from db.errors import DatabaseUnavailable, Forbidden, InvalidPrediction, PredictionNotFound
@@ -27,9 +33,10 @@ from handlers.preprocess import PreprocessError, decode_payload
 from . import metrics
 from .inference import InferenceUnavailable, InvalidInput
 from .outbox import QueueFull
-from .service import Only, PredictionService, check_choice, check_label
+from .service import Only, PredictionService, StorageFull, check_choice, check_label
 
 MAX_IDEMPOTENCY_KEY = 200  # characters
+EXPORT_CHUNK = 1 << 20  # bytes per chunk of the streamed export
 LABEL_TOKEN_HEADER = "X-Label-Token"
 
 IMAGE_BODY_DOC = {
@@ -66,9 +73,18 @@ class PredictionOut(BaseModel):
     confidence: float
     probabilities: list[float]
     model_version: str
+    is_digit: bool | None = Field(
+        None,
+        description="false: the model says the drawing is not a digit (`digit` is still its best digit); "
+        "null from a model version that does not say",
+    )
     label_token: str = Field(
         description=f"a secret for this drawing only: send it as `{LABEL_TOKEN_HEADER}` to label or "
         "delete it (only its hash is stored; keep it, it cannot be shown again)"
+    )
+    image_url: str | None = Field(
+        None,
+        description="the stored drawing's image (a signed link: drawings are private); null until stored",
     )
 
 
@@ -154,7 +170,8 @@ NO_TOKEN = (
 operator_bearer = HTTPBearer(
     auto_error=False,
     scheme_name="operator",
-    description="`Authorization: Bearer <ADMIN_TOKEN>`: the operator may label and delete any drawing",
+    description="`Authorization: Bearer <ADMIN_TOKEN>`: the operator may label and delete any drawing, "
+    "list them all, export them, and use /api/admin",
 )
 label_token_header = APIKeyHeader(
     name=LABEL_TOKEN_HEADER,
@@ -211,6 +228,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
                 e429="too many requests from this address: see Retry-After",
                 e502="the model's answer could not be stored",
                 e503="the model server is unreachable, or the database is down and the outbox full",
+                e507="the storage quota is reached (STORAGE_MAX_ROWS; nothing stored)",
             ),
         },
     )
@@ -246,6 +264,8 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
             raise HTTPException(503, str(exc)) from exc
         except QueueFull as exc:
             raise HTTPException(503, str(exc)) from exc
+        except StorageFull as exc:
+            raise HTTPException(507, str(exc)) from exc
         except InvalidPrediction as exc:
             raise HTTPException(502, f"the model's answer could not be stored: {exc}") from exc
         p = outcome.prediction
@@ -256,7 +276,9 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
             confidence=p.confidence,
             probabilities=p.probabilities,
             model_version=p.model_version,
+            is_digit=p.is_digit,
             label_token=outcome.label_token,
+            image_url=None if outcome.id is None else service.links.image_url(outcome.id),
         )
         return JSONResponse(out.model_dump(), status_code=201 if outcome.stored else 202)
 
@@ -332,8 +354,18 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
             raise database_down() from exc
         return Response(status_code=204)
 
-    @router.get("/predictions", response_model=HistoryPage, responses=errors(e503="the database is down"))
+    def operator_only(who: Authority, what: str) -> None:
+        if not who.operator:
+            metrics.error("forbidden")
+            raise HTTPException(401, f"{what} are the operator's: send Authorization: Bearer <ADMIN_TOKEN>")
+
+    @router.get(
+        "/predictions",
+        response_model=HistoryPage,
+        responses=errors(e401="not the operator (drawings are private)", e503="the database is down"),
+    )
     async def list_predictions(
+        who: Annotated[Authority, Depends(authority)],
         limit: int = Query(20, ge=1, le=200),
         before_id: int | None = Query(None, ge=1),
         only: Annotated[
@@ -344,7 +376,9 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
             ),
         ] = "all",
     ) -> HistoryPage:
-        """Stored predictions, newest first, all or only some (`only`); page with `before_id`."""
+        """Stored predictions, newest first, all or only some (`only`); page with `before_id`. The
+        operator's only: everyone's drawings are private (the page shows a person their own)."""
+        operator_only(who, "all drawings")
         try:
             rows = await service.recent(limit, before_id, only=only)
         except DatabaseUnavailable as exc:
@@ -359,7 +393,7 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
                 not_a_digit=r.not_a_digit,
                 correct=r.correct,
                 model_version=r.model_version,
-                image_url=f"/api/predictions/{r.id}/image.png",
+                image_url=service.links.image_url(r.id),
             )
             for r in rows
         ]
@@ -370,18 +404,36 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
         response_class=Response,
         responses={
             200: {"content": {"image/png": {}}},
-            **errors(e404="unknown id (or deleted)", e503="the database is down"),
+            **errors(
+                e401="neither a signed link nor the operator token",
+                e403="the link's signature is not this drawing's",
+                e404="unknown id (or deleted)",
+                e503="the database is down",
+            ),
         },
     )
-    async def prediction_image(prediction_id: int) -> Response:
-        """The drawing as it was sent."""
+    async def prediction_image(
+        prediction_id: int,
+        who: Annotated[Authority, Depends(authority)],
+        sig: Annotated[str | None, Query(description="the signature of the drawing's `image_url`")] = None,
+    ) -> Response:
+        """The drawing as it was sent: with the signed `image_url` (its maker has it) or as the operator."""
+        if not who.operator:
+            if sig is None:
+                raise HTTPException(
+                    401, "drawings are private: use the drawing's image_url or the operator token"
+                )
+            if not service.links.image_allowed(prediction_id, sig):
+                raise HTTPException(403, "this link is not signed for this drawing")
         try:
             png = await service.image_png(prediction_id)
         except PredictionNotFound as exc:
             raise HTTPException(404, f"no prediction with id {prediction_id}") from exc
         except DatabaseUnavailable as exc:
             raise database_down() from exc
-        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
+        return Response(
+            png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400, immutable"}
+        )
 
     @router.get("/stats", responses=errors(e503="the database is down"))
     async def stats() -> dict[str, Any]:
@@ -397,20 +449,43 @@ def build_router(service: PredictionService, max_body_bytes: int) -> APIRouter:
 
     @router.get(
         "/export",
-        response_class=Response,
-        responses={200: {"content": {"application/zip": {}}}, **errors(e503="the database is down")},
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"application/zip": {}}},
+            **errors(e401="not the operator, and no valid signed link", e503="the database is down"),
+        },
     )
-    async def export() -> Response:
+    async def export(
+        who: Annotated[Authority, Depends(authority)],
+        expires: Annotated[int | None, Query(description="a signed export link's expiry (Unix time)")] = None,
+        sig: Annotated[str | None, Query(description="a signed export link's signature")] = None,
+    ) -> StreamingResponse:
         """The drawings labelled with a digit: a zip with labels.csv, the PNGs and MNIST-style IDX files
-        (drawings said not to be a digit are left out)."""
+        (drawings said not to be a digit are left out). The operator's only (the token, or a link the
+        operator page signs for a few minutes). Built in a scratch file on disk, then streamed: the
+        memory it takes is the same for 10 or a million rows."""
+        if not who.operator and not service.links.export_allowed(expires, sig):
+            operator_only(who, "the export and the drawings in it")
+        scratch = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the response's background task)
         try:
-            data = await service.export_zip()
+            await service.export_to(scratch)
         except DatabaseUnavailable as exc:
+            scratch.close()
             raise database_down() from exc
-        return Response(
-            data,
+        except BaseException:
+            scratch.close()
+            raise
+        size = scratch.tell()
+        scratch.seek(0)
+        return StreamingResponse(
+            iter(lambda: scratch.read(EXPORT_CHUNK), b""),  # a sync iterator: read in a thread
             media_type="application/zip",
-            headers={"Content-Disposition": 'attachment; filename="labelled-digits.zip"'},
+            headers={
+                "Content-Disposition": 'attachment; filename="labelled-digits.zip"',
+                "Content-Length": str(size),
+                "Cache-Control": "no-store",
+            },
+            background=BackgroundTask(scratch.close),
         )
 
     return router

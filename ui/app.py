@@ -24,15 +24,20 @@ from db.store import Store
 from settings import Settings
 
 from . import api, ops
+from .admin import AdminSite
+from .admin_api import build_admin_router
+from .admin_login import LoginLimit
 from .docs import add_docs
 from .frame import APP_TITLE
 from .guard import BodyGuard
 from .headers import HeaderPolicy, SecurityHeaders
 from .inference import InferenceClient
+from .learning import NO_DATABASE, Learning, LearningSlot, UnavailableLearning, open_learning
 from .outbox import Outbox
 from .page import DigitPage
+from .protocol import with_head_timeout
 from .ratelimit import Limits, RateLimit
-from .service import PredictionService, PredictionStore
+from .service import PredictionService, PredictionStore, Quota
 
 TITLE = APP_TITLE
 SUMMARY = "Draw a digit, get the model's answer, correct it."
@@ -51,6 +56,7 @@ def create_app(
     inference: InferenceClient | None = None,
     database_url: str | None = None,
     api_app: FastAPI | None = None,
+    learning: Learning | None = None,
 ) -> PredictionService:
     """Register everything on NiceGUI's global app; call before `ui.run` (or a NiceGUI user simulation).
 
@@ -60,7 +66,9 @@ def create_app(
     other replicas wrote (`notify_external_change`), started and stopped with it. The outbox
     lives in `settings.data_dir / "outbox"`. The JSON API and operations routes go on `api_app`
     when given (the server: see `serve`), and the service starts in its lifespan, before the
-    first request; else they go on NiceGUI's own app. Returns the service.
+    first request; else they go on NiceGUI's own app. The learning loop (the operator's `/admin`
+    page and `/api/admin`) is `learning` when given, else opened on the database at startup (none:
+    unavailable, the admin API answers 503). Returns the service.
     """
     url = database_url or settings.database_url
     if store is None and url is None:
@@ -75,12 +83,20 @@ def create_app(
         outbox=outbox,
         max_image_bytes=settings.max_upload_bytes,
         admin_token=settings.admin_token,
+        link_secret=settings.storage_secret,
+        quota=Quota(settings.storage_max_rows, settings.storage_prune),
     )
     # The application_name this replica's notifications carry: its own writes are not news to it
     # (the service already told its listeners).
     own_name = replica_name()
     opened: list[Store] = []
     listeners: list[ChangeListener] = []
+    if learning is not None:
+        loop = LearningSlot(learning)
+    elif url is not None:
+        loop = LearningSlot(UnavailableLearning("starting"), opener=lambda: open_learning(settings, url))
+    else:
+        loop = LearningSlot(UnavailableLearning(NO_DATABASE))
 
     async def startup() -> None:
         if service.store is None:
@@ -92,8 +108,10 @@ def create_app(
         await service.start()
         for listener in listeners:
             await listener.start()
+        await loop.get()  # the learning loop opened before the first request (tried again when it failed)
 
     async def shutdown() -> None:
+        await loop.close()
         for listener in listeners:
             await listener.stop()
         await service.stop()
@@ -111,13 +129,25 @@ def create_app(
         routes = app
     add_docs(routes, TITLE)
     routes.include_router(api.build_router(service, settings.max_upload_bytes))
-    routes.include_router(ops.build_router(service))
+    routes.include_router(
+        ops.build_router(
+            service, trusted_proxies=settings.trusted_proxies, internal_networks=settings.internal_networks
+        )
+    )
+    routes.include_router(build_admin_router(service, loop))
     api.add_error_handlers(routes)
     add_guards(routes, settings)
 
     @ui.page("/", title=TITLE)
     async def index() -> None:
         await DigitPage(service).build()
+
+    login_limit = LoginLimit(settings.rate_limit_login, settings.trusted_proxies)
+    operator_site = AdminSite(service, loop, login_limit)
+
+    @ui.page("/admin", title=f"{TITLE} - operator")
+    async def admin() -> None:
+        await operator_site.build()
 
     return service
 
@@ -224,6 +254,7 @@ def serve(
         # Bounds (docs/security.md): idle keep-alive connections closed, at most this many
         # connections and tasks at once (then 503), request heads of at most 64 KB (h11).
         timeout_keep_alive=settings.keep_alive_timeout_s,
+        http=with_head_timeout(settings.head_timeout_s),
         limit_concurrency=settings.max_concurrency,
         h11_max_incomplete_event_size=64 * 1024,
     )

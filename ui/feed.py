@@ -2,8 +2,10 @@
 
 With a query per tab per change, 200 open tabs cut the API from 80 to 10.5 requests/s. Here one
 `Feed` per service listens to the service's changes and, at most every `interval_s`, loads the
-first history page and the statistics once, then hands the same `Snapshot` to every subscribed
-page, which re-renders from it without a query. Nothing is loaded while no page is subscribed; a
+statistics once and the history rows of every subscribed page at once (each page shows only the
+drawings its browser made: it subscribes with their ids, and one query fetches the newest `limit`
+of each page's ids together), then hands the same `Snapshot` to every subscribed page, which
+re-renders its own rows from it without a query. Nothing is loaded while no page is subscribed; a
 load that fails (database down) is retried every `retry_s` while pages wait for it. Pages subscribe
 when their browser connects and unsubscribe when it goes, so the feed holds only open tabs.
 """
@@ -16,7 +18,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Subscriber = Callable[["Snapshot"], None]
+OwnIds = Callable[[], Collection[int]]  # the ids of the drawings a page's browser made
+MAX_PAGE = 500  # the store's largest page: ids asked for per query
+MAX_IDS = 20_000  # ids asked for in one load, whatever the number of tabs (the newest kept)
 
 
 class FeedSource(Protocol):
@@ -36,7 +41,9 @@ class FeedSource(Protocol):
     @property
     def version(self) -> int: ...
 
-    async def recent(self, limit: int, before_id: int | None = None) -> list[PredictionRow]: ...
+    async def recent(
+        self, limit: int, before_id: int | None = None, *, ids: Collection[int] | None = None
+    ) -> list[PredictionRow]: ...
 
     async def stats(self) -> Stats: ...
 
@@ -49,12 +56,26 @@ class Snapshot:
 
     seq: int  # loads are numbered: a page never replaces a newer snapshot with an older one
     version: int  # the service's version when the load began
-    recent: tuple[PredictionRow, ...] | None  # the first history page, newest first; None: unreachable
+    recent: tuple[PredictionRow, ...] | None  # the pages' rows, newest first; None: unreachable
     stats: Stats | None  # None: unreachable
+    asked: frozenset[int] = frozenset()  # the ids the rows were loaded for
 
     @property
     def complete(self) -> bool:
         return self.recent is not None and self.stats is not None
+
+    def covers(self, ids: Collection[int], limit: int) -> bool:
+        """Whether the rows were loaded for (at least) the newest `limit` of `ids`."""
+        return self.asked.issuperset(newest(ids, limit))
+
+    def rows_for(self, ids: Collection[int], limit: int) -> list[PredictionRow]:
+        """One page's first history page: its own rows, newest first."""
+        own = ids if isinstance(ids, set | frozenset) else set(ids)
+        return [row for row in self.recent or () if row.id in own][:limit]
+
+
+def newest(ids: Collection[int], limit: int) -> list[int]:
+    return sorted(ids, reverse=True)[:limit]
 
 
 class Feed:
@@ -70,7 +91,7 @@ class Feed:
         self.interval_s = interval_s
         self.retry_s = retry_s
         self.latest: Snapshot | None = None
-        self._subscribers: dict[int, Subscriber] = {}
+        self._subscribers: dict[int, tuple[Subscriber, OwnIds]] = {}
         self._ids = itertools.count()
         self._seq = itertools.count(1)
         self._dirty = False
@@ -91,10 +112,11 @@ class Feed:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
-        """Call `fn(snapshot)` after each new load; returns the function that unsubscribes (idempotent)."""
+    def subscribe(self, fn: Subscriber, own_ids: OwnIds = frozenset) -> Callable[[], None]:
+        """Call `fn(snapshot)` after each new load, with the rows of `own_ids()` (read at each load) in
+        it; returns the function that unsubscribes (idempotent)."""
         key = next(self._ids)
-        self._subscribers[key] = fn
+        self._subscribers[key] = (fn, own_ids)
         if self.latest is not None and not self.latest.complete:
             self._start_pump()  # a page waits for data the last load could not get: retry
 
@@ -103,10 +125,16 @@ class Feed:
 
         return unsubscribe
 
-    async def current(self) -> Snapshot:
-        """The latest snapshot, loaded (once for all callers) if the data changed since or it failed."""
+    async def current(self, own_ids: Collection[int] = ()) -> Snapshot:
+        """The latest snapshot, loaded (once for all callers) if the data changed since, it failed, or
+        it lacks the rows of `own_ids` (a page just subscribed with them)."""
         latest = self.latest
-        if latest is not None and latest.complete and latest.version == self.source.version:
+        if (
+            latest is not None
+            and latest.complete
+            and latest.version == self.source.version
+            and latest.covers(own_ids, self.limit)
+        ):
             return latest
         # Shielded: a caller cancelled while waiting (a page build given up) must not cancel the shared
         # load in the middle of a query.
@@ -153,20 +181,36 @@ class Feed:
         version, seq = source.version, next(self._seq)
         recent: tuple[PredictionRow, ...] | None = None
         stats: Stats | None = None
+        asked = self.asked()
         try:
-            recent = tuple(await source.recent(self.limit))
+            recent = tuple(await self._rows(source, asked))
         except StoreError as exc:
             log.warning("history not loaded: %s", exc)
         try:
             stats = await source.stats()
         except StoreError as exc:
             log.warning("statistics not loaded: %s", exc)
-        snapshot = Snapshot(seq, version, recent, stats)
+        snapshot = Snapshot(seq, version, recent, stats, asked)
         if self.latest is None or snapshot.seq > self.latest.seq:
             self.latest = snapshot
         if not snapshot.complete and self._subscribers:
             self._start_pump()  # pages wait for what could not be loaded: retry
         return snapshot
+
+    def asked(self) -> frozenset[int]:
+        """The newest `limit` ids of every subscribed page, together (at most MAX_IDS)."""
+        ids: set[int] = set()
+        for _, own_ids in list(self._subscribers.values()):
+            ids.update(newest(own_ids(), self.limit))
+        return frozenset(newest(ids, MAX_IDS))
+
+    async def _rows(self, source: FeedSource, asked: frozenset[int]) -> list[PredictionRow]:
+        """The rows of `asked`: one query per MAX_PAGE ids (one for up to 25 tabs of 20)."""
+        ordered, rows = newest(asked, len(asked)), []
+        for start in range(0, len(ordered), MAX_PAGE):
+            chunk = ordered[start : start + MAX_PAGE]
+            rows += await source.recent(len(chunk), ids=chunk)
+        return rows
 
     async def close(self) -> None:
         """Stop loading and pushing (the app's end; tests)."""
@@ -178,7 +222,7 @@ class Feed:
                     await task
 
     async def _publish(self, snapshot: Snapshot) -> None:
-        for key, fn in list(self._subscribers.items()):
+        for key, (fn, _) in list(self._subscribers.items()):
             if key not in self._subscribers:
                 continue  # the tab closed meanwhile
             try:

@@ -65,7 +65,10 @@ class HistoryItem:
         return self.label is not None or self.not_a_digit
 
 
-def stored_item(row: PredictionRow, now: datetime | None = None) -> HistoryItem:
+ImageUrl = Callable[[int], str]  # a stored drawing's (signed) image URL: `UrlSigner.image_url`
+
+
+def stored_item(row: PredictionRow, image_url: ImageUrl, now: datetime | None = None) -> HistoryItem:
     return HistoryItem(
         id=row.id,
         time=views.short_time(row.created_at, now or datetime.now(UTC)),
@@ -78,11 +81,7 @@ def stored_item(row: PredictionRow, now: datetime | None = None) -> HistoryItem:
     )
 
 
-def image_url(prediction_id: int) -> str:
-    return f"/api/predictions/{prediction_id}/image.png"
-
-
-def outcome_item(outcome: Outcome, now: datetime | None = None) -> HistoryItem:
+def outcome_item(outcome: Outcome, image_url: ImageUrl, now: datetime | None = None) -> HistoryItem:
     """A prediction the page holds: by its stored image once stored, else from the PNG in memory."""
     return HistoryItem(
         id=outcome.id,
@@ -98,7 +97,7 @@ def outcome_item(outcome: Outcome, now: datetime | None = None) -> HistoryItem:
 
 
 def history_items(
-    waiting: Sequence[Outcome], rows: Sequence[PredictionRow], own: Outcome | None = None
+    waiting: Sequence[Outcome], rows: Sequence[PredictionRow], image_url: ImageUrl, own: Outcome | None = None
 ) -> list[HistoryItem]:
     """The first history page: the newest `PAGE_SIZE` waiting predictions (listed oldest first by the
     service) newest first, then the stored rows.
@@ -106,7 +105,7 @@ def history_items(
     `own` is the tab's own latest prediction: shown with its label at once, and on top when it is
     newer than the rows, so the tab that made a change does not wait for the next push to see it.
     """
-    items = [stored_item(r) for r in rows]
+    items = [stored_item(r, image_url) for r in rows]
     if own is not None and own.id is not None:
         ids = [r.id for r in rows]
         if own.id in ids:
@@ -114,9 +113,9 @@ def history_items(
                 i = ids.index(own.id)
                 items[i] = replace(items[i], label=own.label, not_a_digit=own.not_a_digit)
         elif not ids or own.id > ids[0]:
-            items = [outcome_item(own), *items][: max(len(rows), PAGE_SIZE)]
+            items = [outcome_item(own, image_url), *items][: max(len(rows), PAGE_SIZE)]
     newest_waiting = [o for o in waiting if o.id is None][-PAGE_SIZE:]  # bounded: thousands may wait
-    return [outcome_item(o) for o in reversed(newest_waiting)] + items
+    return [outcome_item(o, image_url) for o in reversed(newest_waiting)] + items
 
 
 def older_cursor(items: Sequence[HistoryItem], full_page: bool) -> int | None:

@@ -56,6 +56,9 @@ class Prediction:
     probabilities: list[float]  # ten, summing to about 1
     input: list[int]  # 784 values 0-255: the 28x28 the model saw, row by row
     model_version: str
+    # The handler's verdict on whether it is a digit at all (`digit` stays the best digit); None
+    # from an archive that does not say (before the "not a digit" head).
+    is_digit: bool | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Prediction:
@@ -69,6 +72,7 @@ class Prediction:
                 probabilities=probabilities,
                 input=pixels,
                 model_version=str(data.get("model_version", "unknown")),
+                is_digit=None if data.get("is_digit") is None else bool(data["is_digit"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InferenceUnavailable(f"the model server sent an unexpected answer: {exc!r}") from exc

@@ -24,6 +24,7 @@ ErrorKind = Literal[
     "outbox_full",  # 503: the database is down and the outbox full
     "invalid_prediction",  # 502: the database refused the model's answer
     "database_unavailable",  # no error for the client (kept in the outbox, 202), but worth a look
+    "storage_full",  # 507: the storage quota is reached (STORAGE_MAX_ROWS, pruning off)
 ]
 ERROR_KINDS: tuple[ErrorKind, ...] = (
     "invalid_input",
@@ -33,9 +34,15 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     "outbox_full",
     "invalid_prediction",
     "database_unavailable",
+    "storage_full",
 )
 # The kinds the client sees as a 5xx (the "5xx rate" alert selects these).
-SERVER_ERROR_KINDS: tuple[ErrorKind, ...] = ("inference_unavailable", "outbox_full", "invalid_prediction")
+SERVER_ERROR_KINDS: tuple[ErrorKind, ...] = (
+    "inference_unavailable",
+    "outbox_full",
+    "invalid_prediction",
+    "storage_full",
+)
 DEPENDENCIES = ("model_server", "database", "db_pool")
 UNKNOWN = "unknown"  # model_version and correct of a label for a prediction this process does not know
 NOT_A_DIGIT = "not_a_digit"  # correct of a "not a digit" label: neither right nor wrong, not in accuracy
@@ -57,6 +64,9 @@ FEEDBACK = Counter(
     ["model_version", "correct"],
 )
 ERRORS = Counter("digit_ui_errors_total", "Failures, by kind", ["kind"])
+PRUNED = Counter(
+    "digit_ui_pruned_total", "Unlabelled drawings deleted to stay within the storage quota (STORAGE_PRUNE)"
+)
 LATENCY = Histogram(
     "digit_ui_prediction_latency_seconds",
     "Time from the request to the stored (or durably queued) answer: model server round trip plus storing",
@@ -141,6 +151,10 @@ def error(kind: ErrorKind) -> None:
         _up("database", False)
     elif kind == "inference_unavailable":
         _up("model_server", False)
+
+
+def pruned(count: int) -> None:
+    PRUNED.inc(count)
 
 
 def answered(model_version: str) -> None:

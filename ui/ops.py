@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import metrics as ui_metrics
+from .ratelimit import INTERNAL_NETWORKS, is_internal, parse_networks
 from .service import PredictionService, Readiness
 
 
@@ -24,8 +25,12 @@ def readiness_body(r: Readiness) -> dict[str, Any]:
     }
 
 
-def build_router(service: PredictionService) -> APIRouter:
+def build_router(
+    service: PredictionService, *, trusted_proxies: str = "", internal_networks: str = INTERNAL_NETWORKS
+) -> APIRouter:
+    """`/healthz`, `/readyz`, `/metrics`; who counts as internal: `ui.ratelimit.is_internal`."""
     router = APIRouter(tags=["operations"])
+    proxies, internal = parse_networks(trusted_proxies), parse_networks(internal_networks)
 
     @router.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -49,8 +54,22 @@ def build_router(service: PredictionService) -> APIRouter:
         return JSONResponse(readiness_body(readiness), status_code=200 if readiness.ready else 503)
 
     @router.get("/metrics", response_class=Response)
-    async def metrics() -> Response:
-        """Prometheus text format: counters and gauges kept in memory, no database query."""
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format: counters and gauges kept in memory, no database query. For the
+        internal network (Prometheus) and the operator (`Authorization: Bearer <ADMIN_TOKEN>`) only."""
+        peer = request.client.host if request.client else None
+        if not is_internal(peer, request.headers.get("x-forwarded-for"), proxies, internal) and not operator(
+            request
+        ):
+            return JSONResponse(
+                {"detail": "metrics are for the internal network or the operator (Authorization: Bearer)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    def operator(request: Request) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and service.is_operator(token.strip())
 
     return router

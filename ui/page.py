@@ -39,7 +39,7 @@ from .history import (
 )
 from .inference import InferenceUnavailable, InvalidInput
 from .result import CHANGED_STATUS, DB_DOWN, NOT_A_DIGIT, Choice, ResultPanel, choice_of, label_message
-from .service import Outcome, PredictionService, QueueFull
+from .service import Outcome, PredictionService, QueueFull, StorageFull
 from .statistics import StatisticsPanel
 
 __all__ = ["DB_DOWN", "MODEL_DOWN", "DigitPage"]
@@ -182,8 +182,8 @@ class DigitPage:
         """Subscribe to the feed and show its latest snapshot (loaded now if none is current)."""
         self.disconnected()
         self.follow_own_waiting()
-        self._unsubscribe = self.feed.subscribe(self.on_snapshot)
-        self.on_snapshot(await self.feed.current())
+        self._unsubscribe = self.feed.subscribe(self.on_snapshot, lambda: self.own.ids)
+        self.on_snapshot(await self.feed.current(self.own.ids))
 
     def disconnected(self) -> None:
         """The tab went away (or reconnects): the feed no longer holds it."""
@@ -232,6 +232,11 @@ class DigitPage:
             for outcome in stored:
                 self.held.pop(outcome.key, None)
 
+    def own_waiting(self) -> list[Outcome]:
+        """The predictions this browser made that wait for the database (nobody else's are shown)."""
+        keys = self.own.waiting_keys | set(self.held)
+        return [o for o in self.service.waiting_outcomes() if o.key in keys]
+
     def owned(self, items: list[HistoryItem]) -> list[HistoryItem]:
         return mark_own(items, self.own.ids, self.own.waiting_keys | set(self.held))
 
@@ -239,9 +244,11 @@ class DigitPage:
         """From the latest snapshot, the waiting predictions and this tab's own latest prediction."""
         self.settle_held()
         snapshot = self.snapshot
-        waiting = self.service.waiting_outcomes()
-        rows = () if snapshot is None or snapshot.recent is None else snapshot.recent
-        items = self.owned(apply_edits(history_items(waiting, rows, self.outcome), self.edits))
+        waiting = self.own_waiting()
+        rows = [] if snapshot is None else snapshot.rows_for(self.own.ids, PAGE_SIZE)
+        items = self.owned(
+            apply_edits(history_items(waiting, rows, self.service.links.image_url, self.outcome), self.edits)
+        )
         self.history.show(
             items,
             unavailable=snapshot is not None and snapshot.recent is None,
@@ -251,13 +258,13 @@ class DigitPage:
     async def show_queried_page(self, before_id: int | None) -> bool:
         """Query one page of the current view (only this tab looks at it); False when unreachable."""
         try:
-            rows = await self.service.recent(PAGE_SIZE, before_id, only=self.only)
+            rows = await self.service.recent(PAGE_SIZE, before_id, only=self.only, ids=self.own.ids)
         except StoreError as exc:
             log.warning("history page not loaded: %s", exc)
             self.toast("History is unavailable: the database is unreachable.", "warning")
             return False
         self.settle_held()
-        items = self.owned(history_items([], rows))
+        items = self.owned(history_items([], rows, self.service.links.image_url))
         older = older_cursor(items, len(rows) >= PAGE_SIZE)
         self.history.show(items, older_than=older, newer=before_id is not None)
         return True
@@ -367,7 +374,7 @@ class DigitPage:
         self.render_feedback()  # shown before storing: a slow or down database does not delay the answer
         try:
             await self.service.save(outcome)
-        except (QueueFull, InvalidPrediction) as exc:  # shown, but neither stored nor queued
+        except (QueueFull, InvalidPrediction, StorageFull) as exc:  # shown, but neither stored nor queued
             self.outcome = None
             self.toast(f"This answer could not be kept: {exc}", "negative")
         else:

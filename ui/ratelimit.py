@@ -73,6 +73,24 @@ def client_address(peer: str | None, forwarded_for: str | None, proxies: Sequenc
     return str(_address(hops[0])) if hops else peer
 
 
+# Where Prometheus scrapes from: loopback and the private ranges (Compose's and Kubernetes' networks).
+INTERNAL_NETWORKS = "127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, fc00::/7"
+
+
+def is_internal(
+    peer: str | None, forwarded_for: str | None, proxies: Sequence[Network], internal: Sequence[Network]
+) -> bool:
+    """Whether a request comes from the internal network (what may read `/metrics` without a token).
+
+    A request that passed a proxy we do not trust (it carries `X-Forwarded-For`) is external
+    whatever the proxy's address: behind a reverse proxy on the same private network, every
+    public client would otherwise look internal.
+    """
+    if forwarded_for and not _trusted(_address(peer or ""), proxies):
+        return False
+    return _trusted(_address(client_address(peer, forwarded_for, proxies)), internal)
+
+
 def is_loopback(client: str) -> bool:
     address = _address(client)
     return address is not None and address.is_loopback

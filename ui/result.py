@@ -163,9 +163,14 @@ class ResultPanel:
         self.placeholder.set_visibility(False)
         self.result.set_visibility(True)
         self.details.set_visibility(True)
-        self.digit.set_text(str(prediction.digit))
-        self.confidence.set_text(f"{views.percent(prediction.confidence)} sure")
-        hint = views.unsure_hint(prediction.probabilities)
+        if prediction.is_digit is False:  # the handler's "not a digit" head: no confident digit shown
+            self.digit.set_text("?")
+            guess = f"best guess {prediction.digit}, {views.percent(prediction.confidence)}"
+            self.confidence.set_text(f"{views.NOT_A_DIGIT_TEXT} ({guess})")
+        else:
+            self.digit.set_text(str(prediction.digit))
+            self.confidence.set_text(f"{views.percent(prediction.confidence)} sure")
+        hint = None if prediction.is_digit is False else views.unsure_hint(prediction.probabilities)
         self.hint.set_text(hint or "")
         self.hint.set_visibility(hint is not None)
         self.right.set_text(f"Right, it is a {prediction.digit}")

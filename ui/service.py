@@ -18,9 +18,9 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, BinaryIO, Protocol, TypeVar, cast, runtime_checkable
 
 from db.errors import (
     DatabaseUnavailable,
@@ -30,7 +30,7 @@ from db.errors import (
     PredictionNotFound,
     StoreError,
 )
-from db.export import build_export
+from db.export import export_zip, write_export
 from db.records import (
     LabelledRow,
     NewPrediction,
@@ -49,6 +49,7 @@ from . import metrics
 from .inference import InferenceClient, InferenceUnavailable, InvalidInput, Prediction
 from .outbox import Outbox, QueueFull
 from .outcome import Outcome, new_label_token
+from .signing import UrlSigner
 
 __all__ = [
     "Check",
@@ -95,16 +96,43 @@ class PredictionStore(Protocol):
     async def replace_label_token(self, prediction_id: int, token_hash: str) -> None: ...
 
     async def recent(
-        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+        self,
+        limit: int = 20,
+        before_id: int | None = None,
+        *,
+        only: Only = "all",
+        ids: Collection[int] | None = None,
     ) -> list[PredictionRow]: ...
 
     async def image_png(self, prediction_id: int) -> bytes: ...
 
     async def stats(self) -> Stats: ...
 
+    async def count(self) -> int: ...
+
+    async def prune_unlabelled(self, count: int) -> int: ...
+
     def labelled(self, batch_size: int = 500) -> AsyncIterator[LabelledRow]: ...
 
     def pool_health(self) -> PoolHealth: ...
+
+
+EXPORT_BATCH = 100  # rows an export fetches at a time
+COUNT_TTL_S = 2.0  # the stored-row count for the quota is read again after this
+PRUNE_BATCH = 100  # rows pruned beyond what the quota needs: not one DELETE per prediction
+
+
+class StorageFull(Exception):
+    """The storage quota is reached: the prediction is not stored (a 507, never a 2xx)."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """`STORAGE_MAX_ROWS` (None: no quota) and `STORAGE_PRUNE` (make room by pruning the oldest
+    unlabelled drawings instead of refusing new ones)."""
+
+    max_rows: int | None = None
+    prune: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,6 +274,8 @@ class PredictionService:
         retry_interval_s: float = 2.0,
         read_ttl_s: float = 1.0,
         admin_token: str | None = None,
+        link_secret: str | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self.store = store  # wiring only (ui.app); None until the app's startup has opened it
         self.inference = inference
@@ -253,6 +283,9 @@ class PredictionService:
         self.max_image_bytes = max_image_bytes
         self.retry_interval_s = retry_interval_s
         self.admin_token = admin_token or None  # `ADMIN_TOKEN`: may label and delete any row
+        self.links = UrlSigner(link_secret)  # signed image and export URLs (`ui.signing`)
+        self.quota = quota or Quota()
+        self._stored_rows: tuple[float, int] | None = None  # (when counted, how many)
         self.version = 0  # bumped whenever the data changes, so pages know to refresh
         self._reads = SharedRead(read_ttl_s)
         self._listeners: list[Callable[[], None]] = []
@@ -334,8 +367,10 @@ class PredictionService:
 
         With an `idempotency_key`, a retry returns the first answer and stores nothing more,
         whether the first was stored or queued; concurrent retries wait for the first.
+        `StorageFull` before the model is asked when the quota is reached (and pruning is off).
         """
         png = await self.stored_form(image)
+        await self.make_room()
         if idempotency_key is None:
             outcome = await self._answer_png(png)
             await self.save(outcome)
@@ -435,14 +470,55 @@ class PredictionService:
         metrics.answered(prediction.model_version)
         return Outcome(image_png=image, prediction=prediction, latency_ms=latency_ms)
 
+    async def make_room(self) -> None:
+        """Check the storage quota (`STORAGE_MAX_ROWS`) before a new row: `StorageFull` when it is
+        reached, unless the operator lets the oldest unlabelled drawings go (`STORAGE_PRUNE`).
+
+        The count comes from the trigger-kept counters, read at most every `COUNT_TTL_S` and
+        counted up locally in between (replicas may overshoot the quota by their last seconds'
+        rows). While the database is down nothing is checked: the outbox has its own bound.
+        """
+        limit = self.quota.max_rows
+        if limit is None:
+            return
+        try:
+            stored = await self._count()
+            if stored < limit:
+                return
+            if self.quota.prune:
+                freed = await self._db.prune_unlabelled(min(stored - limit + PRUNE_BATCH, 100_000))
+                if freed:
+                    log.info("storage quota: pruned the %d oldest unlabelled drawings", freed)
+                    metrics.pruned(freed)
+                    self._stored_rows = None
+                    self._changed()
+                    if await self._count() < limit:
+                        return
+        except DatabaseUnavailable:
+            return
+        metrics.error("storage_full")
+        raise StorageFull(
+            f"storage is full: {limit:,} drawings are kept at most; the operator can raise "
+            "STORAGE_MAX_ROWS, delete drawings, or let the oldest unlabelled ones go (STORAGE_PRUNE=true)"
+        )
+
+    async def _count(self) -> int:
+        now = time.monotonic()
+        if self._stored_rows is None or now - self._stored_rows[0] > COUNT_TTL_S:
+            self._stored_rows = (now, await self._db.count())
+        return self._stored_rows[1]
+
     async def save(self, outcome: Outcome) -> bool:
         """Store an answered outcome: True = stored; False = durably queued (fsync'd) for the retry loop.
 
         `QueueFull` when the database is down and the outbox is full; `InvalidPrediction` when the
-        database refuses the model's answer (storing it again cannot help).
+        database refuses the model's answer (storing it again cannot help); `StorageFull` at the quota.
         """
+        await self.make_room()
         try:
             await self._record(outcome)
+            if self._stored_rows is not None:
+                self._stored_rows = (self._stored_rows[0], self._stored_rows[1] + 1)
         except DatabaseUnavailable as exc:
             metrics.error("database_unavailable")
             await self._keep(lambda: self.outbox.add(outcome))
@@ -584,19 +660,21 @@ class PredictionService:
 
     # -- reads ------------------------------------------------------------------------------------------
     async def recent(
-        self, limit: int, before_id: int | None = None, *, only: Only = "all"
+        self,
+        limit: int,
+        before_id: int | None = None,
+        *,
+        only: Only = "all",
+        ids: Collection[int] | None = None,
     ) -> list[PredictionRow]:
-        """Stored predictions, newest first, all or `only` the wrong / unlabelled / not-a-digit ones;
-        `DatabaseUnavailable` while the database is down."""
+        """Stored predictions, newest first, all or `only` the wrong / unlabelled / not-a-digit ones,
+        and only those in `ids` when given (a person's own); `DatabaseUnavailable` while it is down."""
         only = validate_only(only)
-        if only == "all":
-            return await self._reads.get(
-                ("recent", limit, before_id), self.version, lambda: self._db.recent(limit, before_id)
-            )
+        wanted = None if ids is None else frozenset(ids)
         return await self._reads.get(
-            ("recent", limit, before_id, only),
+            ("recent", limit, before_id, only, wanted),
             self.version,
-            lambda: self._db.recent(limit, before_id, only=only),
+            lambda: self._db.recent(limit, before_id, only=only, ids=wanted),
         )
 
     def waiting_outcomes(self) -> list[Outcome]:
@@ -612,9 +690,13 @@ class PredictionService:
         return await self._db.image_png(prediction_id)
 
     async def export_zip(self) -> bytes:
-        """The labelled drawings as a zip for retraining (see `db.export`)."""
-        rows = [row async for row in self._db.labelled()]
-        return await asyncio.to_thread(build_export, rows)
+        """The labelled drawings as a zip for retraining (see `db.export`), in memory: small exports."""
+        return await export_zip(self._db.labelled())
+
+    async def export_to(self, out: BinaryIO) -> int:
+        """The same zip written into `out` (a scratch file: constant memory); the number of drawings."""
+        # Small batches: two exports at once hold only a few hundred rows between them.
+        return await write_export(self._db.labelled(batch_size=EXPORT_BATCH), out)
 
     @property
     def waiting(self) -> int:

@@ -21,7 +21,6 @@ from .frame import tag
 
 UNAVAILABLE = "Statistics are unavailable: the database is unreachable."
 LOADING = "Loading ..."
-EXPORT_URL = "/api/export"
 ALL_VERSIONS = ""
 VERSION_COLUMNS = [
     {"name": "version", "label": "version", "field": "version", "align": "left"},
@@ -90,9 +89,6 @@ class StatisticsPanel:
                 self.select = ui.select({ALL_VERSIONS: "all model versions"}, value=ALL_VERSIONS)
                 self.select.props("dense outlined").classes("min-w-[200px]")
                 self.select.on_value_change(self._chosen)
-                ui.button(
-                    "Download labelled drawings", icon="download", on_click=lambda: ui.download(EXPORT_URL)
-                ).props("outline")
             with ui.row().classes("w-full gap-6 no-wrap max-md:flex-wrap"):
                 with ui.column().classes("grow min-w-[280px]"):
                     ui.label("Accuracy per true digit").classes("text-subtitle2")

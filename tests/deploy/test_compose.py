@@ -217,3 +217,44 @@ def test_env_example_has_no_secret_values() -> None:
     )
     assert values["POSTGRES_PASSWORD"] == ""
     assert values["STORAGE_SECRET"] == ""
+
+
+def mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """target -> (volume, read-only) of a resolved service."""
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            source, target, *mode = v.split(":")
+            out[target] = (source, mode == ["ro"])
+        else:
+            out[v["target"]] = (v["source"], bool(v.get("read_only")))
+    return out
+
+
+def test_the_trainer_shares_the_archives_with_torchserve_and_waits_for_the_queue_schema(
+    resolved: dict[str, Any],
+) -> None:
+    """The learning loop's worker writes new versions where TorchServe registers them from."""
+    services = resolved["services"]
+    trainer, torchserve, ui = services["trainer"], services["torchserve"], services["ui"]
+    assert not trainer.get("ports") and trainer["build"]["dockerfile"] == "docker/trainer/Dockerfile"
+    assert json.loads(dockerfile_instruction("trainer", "CMD")) == ["python", "-m", "serving.trainer"]
+    health = ["CMD", "python", "-m", "serving.trainer", "--health"]
+    assert trainer["healthcheck"]["test"] == health
+    _, _, command = dockerfile_instruction("trainer", "HEALTHCHECK").partition(" CMD ")
+    assert ["CMD", *json.loads(command)] == health
+    # Both images keep archives under /home/serve/.data/archives (settings' default archive folder).
+    store = "/home/serve/.data/archives"
+    assert mounts(trainer)[store] == (mounts(torchserve)[store][0], False)
+    assert mounts(torchserve)[store][0] in resolved["volumes"]
+    # The UI reads them (promotions check an archive's sha256) but cannot change them.
+    assert mounts(ui)[ui["environment"]["ARCHIVE_DIR"]] == (mounts(trainer)[store][0], True)
+    # TorchServe's keys, read-only, as the UI reads them.
+    key_file = trainer["environment"]["TORCHSERVE_KEY_FILE"]
+    assert key_file == ui["environment"]["TORCHSERVE_KEY_FILE"]
+    assert mounts(trainer)["/torchserve"] == (mounts(ui)["/torchserve"][0], True)
+    assert trainer["environment"]["DATABASE_URL"] == ui["environment"]["DATABASE_URL"]
+    assert trainer["environment"]["MANAGEMENT_URL"] == "http://torchserve:8081"
+    depends = trainer["depends_on"]
+    assert depends["migrate"]["condition"] == "service_completed_successfully"  # queue schema applied
+    assert depends["torchserve"]["condition"] == "service_healthy"

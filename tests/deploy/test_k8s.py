@@ -5,7 +5,9 @@ schemas validate every built-in kind (strict: an unknown field fails), and the o
 (CloudNativePG's Cluster, the Prometheus Operator's ServiceMonitor and PodMonitor) validate against
 the CRD schemas vendored in deploy/schemas. Then the rules of deploy/k8s/README.md are asserted on
 what would be applied: only the Ingress is public, every container is bounded, probed and
-non-root, no Secret value is in the repository, and every reference points at a rendered object.
+non-root, no Secret value is in the repository, every reference points at a rendered object, and
+new model versions reach every TorchServe replica (the archives claim, the keep-live sidecars, the
+trainer's own TorchServe).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from typing import Any
 import pytest
 import yaml
 
-from settings import Settings
+from settings import Settings, archive_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SCHEMAS = ROOT / "deploy" / "schemas"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "gpu")
+# The environment each overlay builds on (gpu is prod plus the trainer on a GPU node).
+BASE_OF = {"dev": "dev", "prod": "prod", "gpu": "prod"}
+NAMESPACE = {"dev": "digits-dev", "prod": "digits"}
 # The oldest Kubernetes the manifests claim (deploy/k8s/README.md) and the newest with schemas.
 OLDEST_KUBERNETES = "1.30.0"
 MIN_KUSTOMIZE = (5, 0)
@@ -41,6 +46,11 @@ INLINE_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 # Secrets the CloudNativePG operator writes for the `digits-db` cluster (prod).
 OPERATOR_SECRETS = {"digits-db-app"}
 UI = "digits-ui"  # the UI's StatefulSet (one outbox volume per pod), Service, PDB
+TORCHSERVE = "digits-torchserve"
+TRAINER = "digits-trainer"
+ARCHIVES = "digits-archives"  # the claim every model version's archive is on
+SEED = "digits-seed-archives"  # the Job that copies the shipped archive onto it
+GPU = "nvidia.com/gpu"
 
 Obj = dict[str, Any]
 
@@ -109,6 +119,56 @@ def pod_spec(workload: Obj) -> Obj:
 def containers(workload: Obj) -> list[Obj]:
     spec = pod_spec(workload)
     return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def is_init_step(pod: Obj, container: Obj) -> bool:
+    """An init container that runs to completion (not a native sidecar, `restartPolicy: Always`)."""
+    init = {c["name"] for c in pod.get("initContainers", [])}
+    return container["name"] in init and container.get("restartPolicy") != "Always"
+
+
+def sidecars(workload: Obj) -> dict[str, Obj]:
+    """The pod's native sidecars by name: init containers that keep running beside the others."""
+    return {
+        c["name"]: c
+        for c in pod_spec(workload).get("initContainers", [])
+        if c.get("restartPolicy") == "Always"
+    }
+
+
+def env_of(objs: list[Obj], container: Obj) -> dict[str, Any]:
+    """The container's environment: its ConfigMaps (envFrom), then `env` (which wins), as the
+    kubelet builds it. A value from a Secret is its `valueFrom`."""
+    out: dict[str, Any] = {
+        k: v
+        for ref in container.get("envFrom", [])
+        for c in of_kind(objs, "ConfigMap")
+        if c["metadata"]["name"] == ref["configMapRef"]["name"]
+        for k, v in c.get("data", {}).items()
+    }
+    for env in container.get("env", []):
+        out[env["name"]] = env["value"] if "value" in env else env["valueFrom"]
+    return out
+
+
+def claim_mounts(workload: Obj, claim: str) -> dict[str, list[Obj]]:
+    """Container name -> its mounts of the pod volume that is the claim `claim`."""
+    volumes = {
+        v["name"]: v["persistentVolumeClaim"]
+        for v in pod_spec(workload).get("volumes", [])
+        if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] == claim
+    }
+    return {
+        c["name"]: [
+            m | {"claim": volumes[m["name"]]} for m in c.get("volumeMounts", []) if m["name"] in volumes
+        ]
+        for c in containers(workload)
+        if any(m["name"] in volumes for m in c.get("volumeMounts", []))
+    }
+
+
+def writes(mount: Obj) -> bool:
+    return not mount.get("readOnly") and not mount["claim"].get("readOnly")
 
 
 def workloads(objs: list[Obj]) -> Iterator[Obj]:
@@ -234,9 +294,12 @@ def test_overlay_has_the_application(rendered: dict[str, list[Obj]], overlay: st
         ("PodDisruptionBudget", "digits-torchserve"),
         ("PodDisruptionBudget", "digits-ui"),
         ("Ingress", "digits"),
-        ("Service", "digits-db-rw") if overlay == "dev" else ("Cluster", "digits-db"),
+        ("Deployment", TRAINER),
+        ("PersistentVolumeClaim", ARCHIVES),
+        ("Job", SEED),
+        ("Service", "digits-db-rw") if BASE_OF[overlay] == "dev" else ("Cluster", "digits-db"),
     } <= kinds
-    namespace = {"dev": "digits-dev", "prod": "digits"}[overlay]
+    namespace = NAMESPACE[BASE_OF[overlay]]
     namespaced = [o for o in objs if o["kind"] != "Namespace"]
     assert {o["metadata"].get("namespace") for o in namespaced} == {namespace}
     (ns,) = of_kind(objs, "Namespace")
@@ -332,7 +395,8 @@ def image_env(name: str) -> str:
 def test_what_a_ui_pod_accepted_outlives_the_pod(rendered: dict[str, list[Obj]], overlay: str) -> None:
     """Each UI pod's outbox (DATA_DIR) is on a claim of its own that a restarted pod finds again."""
     objs = rendered[overlay]
-    assert [d["metadata"]["name"] for d in of_kind(objs, "Deployment")] == ["digits-torchserve"]
+    # The UI is no Deployment (its pods would share one claim or have none).
+    assert [d["metadata"]["name"] for d in of_kind(objs, "Deployment")] == [TORCHSERVE, TRAINER]
     ui = named(objs, "StatefulSet", UI)
     spec = ui["spec"]
     (claim,) = spec["volumeClaimTemplates"]
@@ -375,7 +439,7 @@ def test_pods_are_scraped_by_prometheus(rendered: dict[str, list[Obj]], overlay:
         annotations = named(objs, kind, name)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == port
         assert annotations["prometheus.io/path"] == "/metrics"
-        if overlay == "prod":
+        if BASE_OF[overlay] == "prod":
             # The ServiceMonitors scrape instead; the annotation is off so nothing scrapes twice.
             assert annotations["prometheus.io/scrape"] == "false"
             assert named(objs, "ServiceMonitor", name)
@@ -426,6 +490,9 @@ def test_every_container_has_resources_probes_and_a_non_root_security_context(
             if workload["kind"] == "Job":
                 # Runs to completion and serves nothing: bounded by a deadline instead of probes.
                 assert workload["spec"]["activeDeadlineSeconds"] > 0, where
+            elif is_init_step(pod, container):
+                # Runs to completion before the pod starts; the API refuses probes on it.
+                assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(container), where
             else:
                 assert "readinessProbe" in container and "livenessProbe" in container, where
             security = {**pod_security, **container.get("securityContext", {})}
@@ -438,7 +505,9 @@ def test_every_container_has_resources_probes_and_a_non_root_security_context(
             image = container["image"]
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), where
             checked += 1
-    assert checked >= 3  # TorchServe, the UI, the migration Job (and dev's PostgreSQL)
+    # TorchServe with its sidecar and init step, the trainer with its TorchServe and init step, the
+    # UI, the migration and seed Jobs (and dev's PostgreSQL).
+    assert checked >= 9
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -470,8 +539,8 @@ def test_every_secret_referenced_is_made_by_the_readme_or_the_operator(
         if "secretKeyRef" in env.get("valueFrom", {})
     }
     referenced |= {tls["secretName"] for tls in named(rendered[overlay], "Ingress", "digits")["spec"]["tls"]}
-    made = documented | (OPERATOR_SECRETS if overlay == "prod" else set())
-    if overlay == "prod":
+    made = documented | (OPERATOR_SECRETS if BASE_OF[overlay] == "prod" else set())
+    if BASE_OF[overlay] == "prod":
         referenced.discard("digits-tls")  # cert-manager makes it (the cluster-issuer annotation)
     assert referenced <= made, referenced - made
 
@@ -523,3 +592,248 @@ def test_every_reference_points_at_a_rendered_object(rendered: dict[str, list[Ob
                 assert backend["port"]["name"] in {
                     p["name"] for p in services[backend["name"]]["spec"]["ports"]
                 }
+
+
+# --- the learning loop: the trainer, the archives, every replica on the live version ---------
+
+
+def image_archive_dir(dockerfile: str) -> str:
+    """ARCHIVE_DIR's default in an image: settings' rule (data_dir/"archives") from its WORKDIR."""
+    text = (ROOT / "docker" / dockerfile / "Dockerfile").read_text()
+    assert "ARCHIVE_DIR" not in text and "DATA_DIR" not in text, f"{dockerfile} sets its own folders"
+    workdir = re.findall(r"^WORKDIR (\S+)", text, re.MULTILINE)[-1]
+    return str(archive_folder(None, Path(workdir) / ".data"))
+
+
+def container(workload: Obj, name: str) -> Obj:
+    (found,) = [c for c in containers(workload) if c["name"] == name]
+    return found
+
+
+def database_url_ref(objs: list[Obj], c: Obj) -> Any:
+    return env_of(objs, c)["DATABASE_URL"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_trainer_is_one_worker_on_the_queue_beside_a_torchserve_of_its_own(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    trainer = named(objs, "Deployment", TRAINER)
+    spec = trainer["spec"]
+    # One worker, never two at once: a starting worker fails what is 'running' (a killed worker's
+    # leftovers), so a rollout must stop the old pod first.
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    (worker,) = pod_spec(trainer)["containers"]
+    assert worker["command"] == ["python", "-m", "serving.trainer"]
+    assert "trainer" in worker["image"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert worker[probe]["exec"]["command"] == ["python", "-m", "serving.trainer", "--health"]
+    # The same PostgreSQL (hence the same queue) as the UI, from the same Secret, never inlined.
+    ui = pod_spec(named(objs, "StatefulSet", UI))["containers"][0]
+    assert (
+        database_url_ref(objs, worker)
+        == database_url_ref(objs, ui)
+        == {"secretKeyRef": {"name": "digits-db-app", "key": "uri"}}
+    )
+    # Candidates are registered and evaluated on one TorchServe: the pod's own, on loopback.
+    env = env_of(objs, worker)
+    assert env["MANAGEMENT_URL"] == "http://127.0.0.1:8081"
+    assert env["INFERENCE_URL"] == "http://127.0.0.1:8080"
+    served = sidecars(trainer)["torchserve"]
+    assert served["command"] == ["python", "-m", "serving", "run"]
+    assert served["startupProbe"]["exec"]["command"] == ["python", "-m", "serving", "health"]
+    served_env = env_of(objs, served)
+    for api in ("INFERENCE_URL", "MANAGEMENT_URL", "METRICS_URL"):
+        assert served_env[api].startswith("http://127.0.0.1:"), api  # unreachable from other pods
+    assert served_env["MANAGEMENT_URL"] == env["MANAGEMENT_URL"]
+    assert served_env["INFERENCE_URL"] == env["INFERENCE_URL"]
+    for key in (
+        "MODEL_NAME",
+        "MODEL_WORKERS",
+        "MODEL_BATCH_SIZE",
+        "MODEL_BATCH_DELAY_MS",
+        "TORCHSERVE_TOKEN_AUTH",
+    ):
+        assert served_env.get(key) == env.get(key), key
+    assert served["image"] == pod_spec(named(objs, "Deployment", TORCHSERVE))["containers"][0]["image"]
+    # It takes no public traffic: no Service selects the trainer pod.
+    labels = trainer["spec"]["template"]["metadata"]["labels"]
+    assert not [s for s in of_kind(objs, "Service") if selects(s["spec"]["selector"], labels)]
+    # Its MNIST copy outlives the pod (a claim, not an emptyDir).
+    mnist = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}["/home/serve/.data/mnist"]
+    (volume,) = [v for v in pod_spec(trainer)["volumes"] if v["name"] == mnist]
+    assert named(objs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_archives_are_written_by_the_trainer_and_read_by_every_torchserve(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    claim = named(objs, "PersistentVolumeClaim", ARCHIVES)
+    # Pods on several nodes mount it; a one-node dev cluster may make do with ReadWriteOnce.
+    expected = ["ReadWriteOnce"] if BASE_OF[overlay] == "dev" else ["ReadWriteMany"]
+    assert claim["spec"]["accessModes"] == expected
+    mounts = {w["metadata"]["name"]: claim_mounts(w, ARCHIVES) for w in workloads(objs)}
+    writers = {(w, c) for w, by in mounts.items() for c, ms in by.items() if any(writes(m) for m in ms)}
+    assert writers == {(TRAINER, "trainer"), (SEED, "seed")}
+    # Every container that reads archives finds them where its image's settings look.
+    trainer_dir, torchserve_dir = image_archive_dir("trainer"), image_archive_dir("torchserve")
+    expected_mounts = {
+        (TRAINER, "trainer"): trainer_dir,
+        (TRAINER, "torchserve"): torchserve_dir,
+        (TRAINER, "wait-for-archive"): torchserve_dir,
+        (TORCHSERVE, "torchserve"): torchserve_dir,
+        (TORCHSERVE, "keep-live"): trainer_dir,
+        (TORCHSERVE, "wait-for-archive"): torchserve_dir,
+        (SEED, "seed"): torchserve_dir,
+    }
+    found = {(w, c): [m["mountPath"] for m in ms] for w, by in mounts.items() for c, ms in by.items()}
+    ui_env = env_of(objs, pod_spec(named(objs, "StatefulSet", UI))["containers"][0])
+    assert found == {k: [v] for k, v in expected_mounts.items()} | {(UI, "ui"): [ui_env["ARCHIVE_DIR"]]}
+    # The public replicas' model store is read-only, claim and mount both.
+    for name, ms in mounts[TORCHSERVE].items():
+        assert all(m.get("readOnly") and m["claim"].get("readOnly") for m in ms), name
+    assert all(m.get("readOnly") for m in mounts[UI]["ui"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_shipped_archive_is_seeded_once_and_waited_for(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    seed = named(objs, "Job", SEED)
+    (copier,) = pod_spec(seed)["containers"]
+    assert copier["command"][:2] == ["python", "-c"]
+    assert "seed_store(" in copier["command"][2]  # the rule `python -m serving run` applies
+    assert pod_spec(seed)["restartPolicy"] == "Never"
+    # The image that holds model_store/mnist.mar.
+    assert (
+        "COPY --chown=serve:serve model_store/mnist.mar ./model_store/mnist.mar"
+        in (ROOT / "docker" / "torchserve" / "Dockerfile").read_text()
+    )
+    torchserve_image = pod_spec(named(objs, "Deployment", TORCHSERVE))["containers"][0]["image"]
+    assert copier["image"] == torchserve_image
+    model = env_of(objs, pod_spec(named(objs, "Deployment", TORCHSERVE))["containers"][0])["MODEL_NAME"]
+    shipped = f"{image_archive_dir('torchserve')}/{model}.mar"
+    for name in (TORCHSERVE, TRAINER):
+        waiting = container(named(objs, "Deployment", name), "wait-for-archive")
+        assert is_init_step(pod_spec(named(objs, "Deployment", name)), waiting)
+        assert pod_spec(named(objs, "Deployment", name))["initContainers"][0]["name"] == "wait-for-archive"
+        assert f"[ -f {shipped} ]" in waiting["command"][-1], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_torchserve_replica_follows_the_registry_live_version(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    deployment = named(objs, "Deployment", TORCHSERVE)
+    keep_live = sidecars(deployment)["keep-live"]
+    assert keep_live["command"] == ["python", "-m", "serving.trainer", "--keep-live-only"]
+    assert "trainer" in keep_live["image"]
+    env = env_of(objs, keep_live)
+    (served,) = pod_spec(deployment)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in served["ports"]}
+    # This pod's own TorchServe, not the Service (which would reach one replica among many).
+    assert env["MANAGEMENT_URL"] == f"http://127.0.0.1:{ports['management']}"
+    assert database_url_ref(objs, keep_live) == {"secretKeyRef": {"name": "digits-db-app", "key": "uri"}}
+    served_env = env_of(objs, served)
+    for key in (
+        "MODEL_NAME",
+        "MODEL_WORKERS",
+        "MODEL_BATCH_SIZE",
+        "MODEL_BATCH_DELAY_MS",
+        "TORCHSERVE_TOKEN_AUTH",
+    ):
+        assert env.get(key) == served_env.get(key), key
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert keep_live[probe]["exec"]["command"] == ["python", "-m", "serving.trainer", "--health"]
+    # TorchServe starts without waiting for it (nor for PostgreSQL): no startupProbe to hold it.
+    assert "startupProbe" not in keep_live
+
+
+def admits(policy: Obj, labels: dict[str, str], port: str) -> bool:
+    """Whether a NetworkPolicy lets pods with `labels` (same namespace) connect to `port`."""
+    for rule in policy["spec"].get("ingress", []):
+        sources = rule.get("from", [])
+        from_them = not sources or any(
+            "podSelector" in s
+            and "namespaceSelector" not in s
+            and selects(s["podSelector"]["matchLabels"], labels)
+            for s in sources
+        )
+        on_port = not rule.get("ports") or any(p.get("port") == port for p in rule["ports"])
+        if from_them and on_port:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_network_policies_admit_the_ui_and_trainer_and_nothing_reaches_the_trainer(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    policies = {p["metadata"]["name"]: p for p in of_kind(objs, "NetworkPolicy")}
+    pod_labels_of = {
+        w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(objs)
+    }
+    torchserve = policies[TORCHSERVE]
+    assert selects(torchserve["spec"]["podSelector"]["matchLabels"], pod_labels_of[TORCHSERVE])
+    # The UI predicts (8080) and promotes from /admin (8081); the trainer pod may reach both.
+    for client in (UI, TRAINER):
+        for port in ("inference", "management"):
+            assert admits(torchserve, pod_labels_of[client], port), (client, port)
+    assert not admits(torchserve, {"app.kubernetes.io/name": "intruder"}, "management")
+    trainer = policies[TRAINER]
+    assert selects(trainer["spec"]["podSelector"]["matchLabels"], pod_labels_of[TRAINER])
+    assert trainer["spec"]["policyTypes"] == ["Ingress"] and trainer["spec"]["ingress"] == []
+
+
+def gpu_requests(workload: Obj) -> list[tuple[str, str, str]]:
+    return [
+        (c["name"], part, c["resources"][part][GPU])
+        for c in containers(workload)
+        for part in ("requests", "limits")
+        if GPU in c.get("resources", {}).get(part, {})
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_gpu_overlay_puts_the_trainer_on_a_gpu_node(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    trainer = named(objs, "Deployment", TRAINER)
+    others = [w for w in workloads(objs) if w["metadata"]["name"] != TRAINER]
+    assert [gpu_requests(w) for w in others] == [[] for _ in others]
+    if overlay != "gpu":
+        assert gpu_requests(trainer) == []
+        assert "nodeSelector" not in pod_spec(trainer)
+        return
+    assert gpu_requests(trainer) == [("trainer", "requests", "1"), ("trainer", "limits", "1")]
+    assert pod_spec(trainer)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in pod_spec(trainer)["tolerations"]
+    # Everything else is prod's, the trainer's CPU-side sidecars included.
+    prod = {(o["kind"], o["metadata"]["name"]) for o in rendered["prod"]}
+    assert {(o["kind"], o["metadata"]["name"]) for o in objs} == prod
+    prod_trainer = named(rendered["prod"], "Deployment", TRAINER)
+    assert sidecars(trainer) == sidecars(prod_trainer)
+
+
+def test_every_image_gets_its_tag_from_the_kustomizations() -> None:
+    """Base manifests name images without a tag; every kustomization tags each of them."""
+    used = set()
+    for path in (K8S / "base").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") in WORKLOADS:
+                used |= {c["image"] for c in containers(doc)}
+    assert {"digit-classifier/torchserve", "digit-classifier/ui", "digit-classifier/trainer"} <= used
+    assert all(":" not in image for image in used if image.startswith("digit-classifier/"))
+    ours = {image for image in used if image.startswith("digit-classifier/")}
+    for folder in (K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "prod"):
+        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        tagged = {i["name"] for i in kustomization["images"] if i.get("newTag")}
+        assert ours <= tagged, (folder.name, ours - tagged)

@@ -20,7 +20,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = ROOT / "requirements"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-LOCKS = ("dev.txt", "ui.txt", "torchserve.txt")
+LOCKS = ("dev.txt", "ui.txt", "torchserve.txt", "trainer.txt")
 
 
 def parse_lock(text: str) -> dict[str, tuple[Version, list[str]]]:
@@ -75,19 +75,20 @@ def test_the_ui_lock_pins_the_base_dependencies_and_no_torch() -> None:
     assert "torch" not in pins
 
 
-def test_the_torchserve_lock_pins_what_its_input_names_all_declared_in_pyproject() -> None:
+@pytest.mark.parametrize("image", ["torchserve", "trainer"])
+def test_an_image_lock_pins_what_its_input_names_all_declared_in_pyproject(image: str) -> None:
     names = [
-        canonicalize_name(line.strip())
-        for line in (REQUIREMENTS / "torchserve.in").read_text().splitlines()
+        canonicalize_name(Requirement(line.strip()).name)
+        for line in (REQUIREMENTS / f"{image}.in").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     everything = {canonicalize_name(r.name) for r in declared(*PYPROJECT["project"]["optional-dependencies"])}
     assert "torch" in names
     assert [n for n in names if n not in everything] == []
-    assert [n for n in names if n not in lock("torchserve.txt")] == []
+    assert [n for n in names if n not in lock(f"{image}.txt")] == []
 
 
-@pytest.mark.parametrize("name", ["ui.txt", "torchserve.txt"])
+@pytest.mark.parametrize("name", ["ui.txt", "torchserve.txt", "trainer.txt"])
 def test_the_image_locks_run_the_versions_the_tests_ran(name: str) -> None:
     dev = lock("dev.txt")
     differ = {pkg: str(pin[0]) for pkg, pin in lock(name).items() if dev.get(pkg, (None,))[0] != pin[0]}
@@ -103,7 +104,7 @@ def test_every_pin_carries_a_sha256(name: str) -> None:
     assert all(h.startswith("sha256:") and len(h) == 71 for _, hashes in pins.values() for h in hashes)
 
 
-@pytest.mark.parametrize("name", ["dev.txt", "torchserve.txt"])
+@pytest.mark.parametrize("name", ["dev.txt", "torchserve.txt", "trainer.txt"])
 def test_torch_is_the_pinned_cpu_build(name: str) -> None:
     pins = lock(name)
     (wanted,) = [r for r in declared("model") if r.name == "torch"]
@@ -124,7 +125,7 @@ def test_installs_go_through_the_locks_with_hashes() -> None:
     assert "LOCK := requirements/dev.txt" in makefile
     assert "pip install -q --require-hashes -r $(LOCK)" in makefile
     assert "pip install -q --no-deps --no-build-isolation -e ." in makefile
-    for image, name in (("ui", "ui.txt"), ("torchserve", "torchserve.txt")):
+    for image, name in (("ui", "ui.txt"), ("torchserve", "torchserve.txt"), ("trainer", "trainer.txt")):
         dockerfile = re.sub(r"\\\n\s*", " ", (ROOT / "docker" / image / "Dockerfile").read_text())
         pip_lines = [line for line in dockerfile.splitlines() if "pip install" in line]
         assert any(f"--require-hashes -r requirements/{name}" in line for line in pip_lines), image

@@ -21,7 +21,7 @@ from tests.fixtures.torchserve import manifest_version
 from tests.handlers.renditions import RENDITIONS, png, read_mnist_test, render
 
 ROOT = Path(__file__).resolve().parents[2]
-FIELDS = {"digit", "confidence", "probabilities", "input", "model_version"}
+FIELDS = {"digit", "confidence", "probabilities", "input", "model_version", "is_digit"}
 
 
 def check_prediction(body: dict, version: str) -> None:
@@ -33,6 +33,7 @@ def check_prediction(body: dict, version: str) -> None:
     assert body["confidence"] == pytest.approx(max(probs))
     assert len(body["input"]) == 784 and all(isinstance(v, int) and 0 <= v <= 255 for v in body["input"])
     assert body["model_version"] == version
+    assert isinstance(body["is_digit"], bool)
 
 
 def classify(
@@ -73,7 +74,7 @@ def unpacked_handler(tmp_path_factory, torchserve):
         yield handler, context, manifest
     finally:
         sys.path.remove(str(model_dir))
-        for name in ("mnist_handler", "preprocess", "model"):
+        for name in ("mnist_handler", "model_runtime", "preprocess", "model"):
             sys.modules.pop(name, None)
 
 
@@ -82,6 +83,7 @@ def test_archive_ships_this_handler_and_preprocessing(torchserve):
         names = set(z.namelist())
         assert z.read("mnist_handler.py") == (ROOT / "handlers" / "mnist_handler.py").read_bytes()
         assert z.read("preprocess.py") == (ROOT / "handlers" / "preprocess.py").read_bytes()
+        assert z.read("model_runtime.py") == (ROOT / "handlers" / "model_runtime.py").read_bytes()
     assert "model.py" in names
 
 
@@ -123,7 +125,8 @@ def test_the_sped_up_model_gives_the_plain_models_answers(unpacked_handler, samp
     images, _ = sample
     digits = [preprocess(png(Image.fromarray(image))) for image in images[:32]]
     with torch.inference_mode():
-        expected = torch.softmax(plain(torch.from_numpy(normalize(np.stack(digits))).unsqueeze(1)), dim=1)
+        logits = plain(torch.from_numpy(normalize(np.stack(digits))).unsqueeze(1))
+        expected = torch.softmax(logits / handler.temperature, dim=1)  # the archive's calibration
     np.testing.assert_allclose(handler.predict(digits), expected.numpy(), atol=1e-4)
 
 
@@ -281,3 +284,159 @@ def test_concurrent_mixed_traffic_never_gets_a_5xx(torchserve, sample):
     assert all(s < 500 for s in statuses), statuses
     assert [r.json()["digit"] for r in responses[::2]] == labels[:40].tolist()
     assert all(400 <= s < 500 for s in statuses[1::2])
+
+
+# --- calibration, the fast runtime, the time split -----------------------------------------------
+
+
+def test_the_temperature_comes_from_calibration_json_and_defaults_to_one(tmp_path):
+    from handlers import model_runtime as mh
+
+    assert mh.read_temperature(tmp_path) == 1.0  # an archive from before calibration
+    (tmp_path / mh.CALIBRATION_FILE).write_text(json.dumps({"temperature": 0.5}))
+    assert mh.read_temperature(tmp_path) == 0.5
+    for bad in (0, -1, "nan"):
+        (tmp_path / mh.CALIBRATION_FILE).write_text(json.dumps({"temperature": bad}))
+        with pytest.raises(ValueError, match="positive"):
+            mh.read_temperature(tmp_path)
+
+
+def test_calibrated_probabilities_are_the_softmax_of_logits_over_t():
+    import torch
+
+    from handlers import model_runtime as mh
+
+    logits = np.random.default_rng(0).normal(0, 8, (64, 10)).astype(np.float32)
+    for t in (0.49, 1.0, 2.0):
+        probs = mh.calibrated(logits, t)
+        np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits) / t, 1).numpy(), atol=1e-6)
+        assert (probs.argmax(1) == logits.argmax(1)).all()  # calibration never changes an answer
+    assert np.isfinite(mh.calibrated(np.array([[1e4, -1e4] + [0.0] * 8]), 0.1)).all()
+
+
+def test_the_shipped_archive_is_calibrated_and_runs_in_onnx_runtime(unpacked_handler):
+    handler, _, _ = unpacked_handler
+    model_card = json.loads((ROOT / "model_store" / "mnist.json").read_text())
+    assert handler.temperature == model_card["calibration"]["temperature"] != 1.0
+    assert handler.runtime == "onnxruntime"
+    assert handler.describe_handle()["runtime"] == "onnxruntime"
+
+
+def test_onnx_runtime_gives_the_torch_answers_on_the_whole_test_set(unpacked_handler, mnist_dir):
+    """Argmax equal on all 10,000 official test images, probabilities within 1e-5 of eager torch."""
+    import torch
+
+    handler, _, manifest = unpacked_handler
+    module = sys.modules["model_runtime"]
+    model_dir = Path(handler.model_pt_path).parent
+    plain = sys.modules["model"].Net()
+    plain.load_state_dict(torch.load(model_dir / manifest["model"]["serializedFile"], map_location="cpu"))
+    plain.eval()
+    images, _ = read_mnist_test(mnist_dir)
+    batch = normalize(images)[:, None]
+    with torch.inference_mode():
+        eager = np.concatenate(
+            [plain(torch.from_numpy(batch[i : i + 500])).numpy() for i in range(0, 10000, 500)]
+        )
+    fast = np.concatenate([handler.forward(batch[i : i + 500])[0] for i in range(0, 10000, 500)])
+    assert (fast.argmax(1) == eager.argmax(1)).all()
+    t = handler.temperature
+    np.testing.assert_allclose(module.calibrated(fast, t), module.calibrated(eager, t), rtol=0, atol=1e-5)
+
+
+def test_an_archive_without_calibration_or_onnx_answers_as_before(tmp_path, unpacked_handler, sample):
+    """Older archives: no calibration.json (T=1), no mnist.onnx (torch): the plain softmax."""
+    import torch
+    from ts.context import Context
+
+    handler, _, manifest = unpacked_handler
+    module = sys.modules["mnist_handler"]
+    source = Path(handler.model_pt_path).parent
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in (manifest["model"]["serializedFile"], "model.py"):
+        (old / name).write_bytes((source / name).read_bytes())
+    context = Context("mnist", str(old), manifest, 1, None, "0.12.0", model_yaml_config={})
+    legacy = module.MnistHandler()
+    legacy.initialize(context)
+    assert (legacy.temperature, legacy.runtime, legacy.digit_head) == (1.0, "torch", None)
+    images, _ = sample
+    digits = [preprocess(png(Image.fromarray(image))) for image in images[:16]]
+    plain = sys.modules["model"].Net()
+    plain.load_state_dict(torch.load(old / manifest["model"]["serializedFile"], map_location="cpu"))
+    plain.eval()
+    with torch.inference_mode():
+        expected = torch.softmax(plain(torch.from_numpy(normalize(np.stack(digits))).unsqueeze(1)), dim=1)
+    np.testing.assert_allclose(legacy.predict(digits), expected.numpy(), atol=1e-5)
+    assert legacy.answer(digits)[1] is None  # no head: answers without `is_digit`
+    assert "is_digit" not in legacy.describe_handle()["output"]
+
+
+def timing_parts(value: str) -> dict[str, float]:
+    parts = {}
+    for item in value.split(","):
+        name, *params = (p.strip() for p in item.split(";"))
+        parts[name] = float(next(p for p in params if p.startswith("dur="))[4:])
+    return parts
+
+
+def test_every_answer_carries_the_handlers_time_split(unpacked_handler, sample):
+    from ts.context import RequestProcessor
+
+    handler, context, _ = unpacked_handler
+    images, _ = sample
+    requests = [{"body": png(Image.fromarray(images[i]))} for i in range(3)] + [{"body": b"not an image"}]
+    context.request_processor = [RequestProcessor({"body": {"content-type": "image/png"}}) for _ in requests]
+    handler.handle(requests, context)
+    for idx in range(3):
+        value = context.get_response_headers(idx)["Server-Timing"]
+        parts = timing_parts(value)
+        assert set(parts) == {"decode", "preprocess", "model"} and all(v >= 0 for v in parts.values())
+        assert 'desc="batch of 3"' in value
+    assert "Server-Timing" not in context.get_response_headers(3)  # a 4xx has no model time
+
+
+def test_server_timing_through_torchserve(torchserve, sample):
+    images, _ = sample
+    response = httpx.post(
+        torchserve.predictions_url(),
+        content=png(Image.fromarray(images[5])),
+        headers=torchserve.inference_headers(),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    parts = timing_parts(response.headers["server-timing"])
+    assert set(parts) == {"decode", "preprocess", "model"}
+    assert 0 < parts["model"] < 1000
+
+
+# --- "not a digit" ------------------------------------------------------------------------------------
+
+
+def test_drawn_non_digits_are_not_digits_and_test_digits_are(unpacked_handler, sample):
+    """Held-out non-digits (fonts and a seed the head never saw) refused; official test digits kept."""
+    from training import negatives
+
+    handler, _, _ = unpacked_handler
+    others, _ = negatives.make(220, seed=7, held_out=True)
+    _, refused = handler.answer(list(others))
+    assert refused is not None and 1 - np.mean(refused) >= 0.9
+    images, _ = sample
+    _, kept = handler.answer([preprocess(png(Image.fromarray(i))) for i in images])
+    assert kept is not None and np.mean(kept) >= 0.99
+    assert "is_digit" in handler.describe_handle()["output"]
+
+
+def test_a_letter_through_torchserve_is_not_a_digit_but_still_has_a_best_digit(torchserve, sample):
+    from training import negatives
+
+    letter = negatives.drawing("letter", np.random.default_rng(3), held_out=True)
+    images, _ = sample
+    for body, expected in ((letter, False), (png(Image.fromarray(images[7])), True)):
+        response = httpx.post(
+            torchserve.predictions_url(), content=body, headers=torchserve.inference_headers(), timeout=30
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["is_digit"] is expected
+        assert 0 <= answer["digit"] <= 9 and answer["digit"] == int(np.argmax(answer["probabilities"]))

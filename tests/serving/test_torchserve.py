@@ -30,6 +30,7 @@ from serving.torchserve import (
     environment,
     launch,
     read_pid,
+    seed_store,
     start,
     stop,
     wait_api,
@@ -304,7 +305,7 @@ def test_customized_describe_shows_the_handlers_contract(torchserve):
     (model,) = httpx.get(url, params={"customized": "true"}, headers=headers, timeout=30).json()
     meta = model["customizedMetadata"]
     assert meta["model_version"] == model["modelVersion"]
-    assert meta["output"] == ["confidence", "digit", "input", "model_version", "probabilities"]
+    assert meta["output"] == ["confidence", "digit", "input", "is_digit", "model_version", "probabilities"]
     assert meta["max_upload_bytes"] == torchserve.config.max_upload_bytes
 
 
@@ -427,3 +428,15 @@ def test_metrics_are_prometheus_text_and_count_requests(torchserve, digit):
         )
         assert answer.status_code == 200
     assert inference_requests_total(torchserve) >= before + 3
+
+
+def test_seeding_the_store_keeps_what_is_there_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped.mar"
+    shipped.write_bytes(b"the shipped archive")
+    config = ServeConfig(model_store=tmp_path / "store", run_dir=tmp_path / "run")
+    assert seed_store(config, shipped) is True
+    assert config.mar_file.read_bytes() == b"the shipped archive"
+    shipped.write_bytes(b"another")
+    assert seed_store(config, shipped) is False  # what the registry recorded stays
+    assert config.mar_file.read_bytes() == b"the shipped archive"
+    assert sorted(p.name for p in config.model_store.iterdir()) == [config.mar_file.name]

@@ -65,3 +65,36 @@ def test_same_seed_gives_identical_weights(mnist_dir: Path) -> None:
     a, b, c = weights(7), weights(7), weights(8)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --- --device -------------------------------------------------------------------------------------
+
+
+def test_device_auto_picks_the_accelerator_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert train.resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert train.resolve_device("auto") == torch.device("cpu")
+    assert train.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_device_cuda_without_a_gpu_and_unknown_devices_are_clear_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        train.resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        train.resolve_device("tpu")
+    assert train.parse_args([]).device == "auto"
+    assert train.parse_args(["--device", "cpu"]).device == "cpu"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "tpu"])
+
+
+def test_device_input_is_the_handlers_normalisation(mnist_dir: Path) -> None:
+    digits = torch.from_numpy(
+        np.array(data.read_idx(mnist_dir / FILES["test_images"].name, FILES["test_images"])[:64])
+    )
+    torch.testing.assert_close(train.to_device_input(digits), train.to_input(digits), rtol=0, atol=1e-6)

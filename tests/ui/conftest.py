@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,26 @@ class Simulated:
     model: FakeModel
 
 
+@contextmanager
+def simulated_nicegui() -> Iterator[None]:
+    """NiceGUI's globals reset for a simulated app, and everything a simulation changes put back."""
+    with nicegui_reset_globals():
+        os.environ["NICEGUI_USER_SIMULATION"] = "true"
+        # FastAPI nests the app's lifespan in every included router's: NiceGUI's app outlives the
+        # test, so without this each test would nest its routers one level deeper (a RecursionError
+        # after a few hundred tests).
+        lifespan = core.app.router.lifespan_context
+        try:
+            prepare_simulation()
+            yield
+        finally:
+            core.app.router.lifespan_context = lifespan
+            os.environ.pop("NICEGUI_USER_SIMULATION", None)
+            ui.navigate = Navigate()
+            ui.notify = notify
+            ui.download = download
+
+
 @asynccontextmanager
 async def simulate(store: Any, model: FakeModel, run_dir: Path) -> AsyncIterator[Simulated]:
     """Like nicegui.testing's `user` fixture, with the app built by `create_app` on `store` and `model`.
@@ -47,10 +67,8 @@ async def simulate(store: Any, model: FakeModel, run_dir: Path) -> AsyncIterator
     """
     transport = model.transport()
     inference = InferenceClient("http://model.test", management_url="http://model.test", transport=transport)
-    with nicegui_reset_globals():
-        os.environ["NICEGUI_USER_SIMULATION"] = "true"
-        try:
-            prepare_simulation()
+    try:
+        with simulated_nicegui():
             settings = Settings(run_dir=run_dir, data_dir=run_dir / "data")
             service = create_app(settings, store=store, inference=inference)
             service.retry_interval_s = 0.05
@@ -63,12 +81,8 @@ async def simulate(store: Any, model: FakeModel, run_dir: Path) -> AsyncIterator
                     httpx.AsyncClient(transport=app_transport, base_url="http://test") as api_client,
                 ):
                     yield Simulated(User(user_client), api_client, service, store, model)
-        finally:
-            os.environ.pop("NICEGUI_USER_SIMULATION", None)
-            ui.navigate = Navigate()
-            ui.notify = notify
-            ui.download = download
-            await inference.close()
+    finally:
+        await inference.close()
 
 
 async def wait_started(service: PredictionService, timeout: float = 10.0) -> None:

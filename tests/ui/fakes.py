@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +54,7 @@ class FakeModel:
     calls: int = 0
     version: str = "1.0"
     unsure: bool = False  # answer 55 % for the digit and 40 % for a 7
+    is_digit: bool | None = True  # the handler's "not a digit" answer; None: an archive without it
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
@@ -79,6 +80,8 @@ class FakeModel:
             "input": pixels.reshape(-1).tolist(),
             "model_version": self.version,
         }
+        if self.is_digit is not None:
+            body["is_digit"] = self.is_digit
         return httpx.Response(200, content=json.dumps(body), headers={"content-type": "application/json"})
 
     def transport(self) -> httpx.MockTransport:
@@ -167,7 +170,12 @@ class FakeStore:
         self.token_hashes[prediction_id] = validate_token_hash(token_hash)
 
     async def recent(
-        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+        self,
+        limit: int = 20,
+        before_id: int | None = None,
+        *,
+        only: Only = "all",
+        ids: Collection[int] | None = None,
     ) -> list[PredictionRow]:
         self._check()
         keep = {
@@ -176,8 +184,11 @@ class FakeStore:
             "unlabelled": lambda row: row.true_label is None and not row.not_a_digit,
             "not_a_digit": lambda row: row.not_a_digit,
         }[validate_only(only)]
-        ids = sorted((i for i in self.rows if before_id is None or i < before_id), reverse=True)
-        return [row for row in map(self._row, ids) if keep(row)][:limit]
+        wanted = sorted(
+            (i for i in self.rows if (before_id is None or i < before_id) and (ids is None or i in ids)),
+            reverse=True,
+        )
+        return [row for row in map(self._row, wanted) if keep(row)][:limit]
 
     def _row(self, i: int) -> PredictionRow:
         p, label, at = self.rows[i]
@@ -200,6 +211,18 @@ class FakeStore:
         if prediction_id not in self.rows:
             raise PredictionNotFound(f"no prediction with id {prediction_id}")
         return self.rows[prediction_id][0].image_png
+
+    async def count(self) -> int:
+        self._check()
+        return len(self.rows)
+
+    async def prune_unlabelled(self, count: int) -> int:
+        self._check()
+        unlabelled = [i for i, (_, label, _) in sorted(self.rows.items()) if label is None]
+        gone = [i for i in unlabelled if i not in self.not_a_digit][:count]
+        for i in gone:
+            del self.rows[i]
+        return len(gone)
 
     async def stats(self) -> Stats:
         self._check()

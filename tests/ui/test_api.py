@@ -11,10 +11,19 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from db.export import drawing_files
 from tests.ui.conftest import Simulated
 from tests.ui.fakes import digit_png
+from ui.service import Quota
 
 PNG = {"content-type": "image/png"}
+
+
+ADMIN = "operator-token-for-the-tests"
+
+
+def operator() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
 
 
 async def post_png(sim: Simulated, png: bytes) -> dict:
@@ -101,23 +110,33 @@ async def test_label_roundtrip_and_errors(sim_db: Simulated) -> None:
 
 
 async def test_history_is_paginated_newest_first(sim_db: Simulated) -> None:
+    sim_db.service.admin_token = ADMIN  # the operator lists and exports (drawings are private)
     posted = [await post_png(sim_db, digit_png(kind)) for kind in ("one", "zero", "one")]
     ids = [body["id"] for body in posted]
     assert (await put_label(sim_db, posted[1], {"label": 6})).status_code == 200
-    first = (await sim_db.client.get("/api/predictions", params={"limit": 2})).json()
+    first = (await sim_db.client.get("/api/predictions", params={"limit": 2}, headers=operator())).json()
     assert [item["id"] for item in first["items"]] == [ids[2], ids[1]]
     assert first["items"][1]["true_label"] == 6 and first["items"][1]["correct"] is False
     assert first["next_before_id"] == ids[1]
-    second = (await sim_db.client.get("/api/predictions", params={"limit": 2, "before_id": ids[1]})).json()
+    second = (
+        await sim_db.client.get(
+            "/api/predictions", params={"limit": 2, "before_id": ids[1]}, headers=operator()
+        )
+    ).json()
     assert [item["id"] for item in second["items"]] == [ids[0]] and second["next_before_id"] is None
     image = await sim_db.client.get(second["items"][0]["image_url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(image.content)).size == (280, 280)
-    assert (await sim_db.client.get("/api/predictions/999999/image.png")).status_code == 404
-    assert (await sim_db.client.get("/api/predictions", params={"limit": 0})).status_code == 422
+    assert (
+        await sim_db.client.get("/api/predictions/999999/image.png", headers=operator())
+    ).status_code == 404
+    assert (
+        await sim_db.client.get("/api/predictions", params={"limit": 0}, headers=operator())
+    ).status_code == 422
 
 
 async def test_stats_and_export(sim_db: Simulated) -> None:
+    sim_db.service.admin_token = ADMIN  # the operator lists and exports (drawings are private)
     a = await post_png(sim_db, digit_png("one"))
     b = await post_png(sim_db, digit_png("zero"))
     await post_png(sim_db, digit_png("one"))
@@ -128,11 +147,11 @@ async def test_stats_and_export(sim_db: Simulated) -> None:
     assert stats["confusion"][1][1] == 1 and stats["confusion"][8][0] == 1
     assert stats["per_digit"][1]["accuracy"] == 1.0 and stats["per_digit"][8]["accuracy"] == 0.0
     assert stats["by_version"]["1.0"]["total"] == 3
-    export = await sim_db.client.get("/api/export")
+    export = await sim_db.client.get("/api/export", headers=operator())
     assert export.status_code == 200 and "attachment" in export.headers["content-disposition"]
-    names = zipfile.ZipFile(io.BytesIO(export.content)).namelist()
-    assert any(name.endswith(".csv") for name in names)
-    assert sum(name.endswith(".png") for name in names) == 2
+    archive = zipfile.ZipFile(io.BytesIO(export.content))
+    assert any(name.endswith(".csv") for name in archive.namelist())
+    assert len(drawing_files(archive)) == 2
 
 
 async def test_database_down_prediction_kept_then_stored(sim_db: Simulated, postgres) -> None:
@@ -274,11 +293,6 @@ async def test_readyz_names_the_part_not_ready(sim: Simulated) -> None:
 
 
 # -- who may label and delete (issue 17) -----------------------------------------------------------------
-ADMIN = "operator-token-for-the-tests"
-
-
-def operator() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN}"}
 
 
 async def test_label_token_rules(sim_db: Simulated) -> None:
@@ -326,6 +340,7 @@ async def test_no_operator_when_admin_token_is_unset(sim_db: Simulated) -> None:
 
 
 async def test_not_a_digit_label_and_statistics(sim_db: Simulated) -> None:
+    sim_db.service.admin_token = ADMIN  # the operator lists and exports (drawings are private)
     a, b, c = [await post_png(sim_db, digit_png(kind)) for kind in ("one", "zero", "one")]
     response = await put_label(sim_db, a, {"label": None, "not_a_digit": True})
     assert response.status_code == 200, response.text
@@ -350,17 +365,18 @@ async def test_not_a_digit_label_and_statistics(sim_db: Simulated) -> None:
     assert stats["by_version"]["1.0"]["not_a_digit"] == 1
     row = await sim_db.store.get(a["id"])
     assert row.not_a_digit and row.true_label is None
-    items = (await sim_db.client.get("/api/predictions")).json()["items"]
+    items = (await sim_db.client.get("/api/predictions", headers=operator())).json()["items"]
     assert [(i["id"], i["not_a_digit"], i["true_label"], i["correct"]) for i in items] == [
         (c["id"], False, 7, False),
         (b["id"], False, 0, True),
         (a["id"], True, None, None),
     ]
-    export = zipfile.ZipFile(io.BytesIO((await sim_db.client.get("/api/export")).content))
-    assert sum(name.endswith(".png") for name in export.namelist()) == 2  # never exported as a digit
+    export = zipfile.ZipFile(io.BytesIO((await sim_db.client.get("/api/export", headers=operator())).content))
+    assert len(drawing_files(export)) == 2  # never exported as a digit
 
 
 async def test_history_filters(sim_db: Simulated) -> None:
+    sim_db.service.admin_token = ADMIN  # the operator lists and exports (drawings are private)
     posted = [await post_png(sim_db, digit_png(kind)) for kind in ("one", "zero", "one", "zero", "one")]
     ids = [p["id"] for p in posted]
     await put_label(sim_db, posted[0], {"label": 1})  # right
@@ -369,7 +385,7 @@ async def test_history_filters(sim_db: Simulated) -> None:
     await put_label(sim_db, posted[3], {"label": 9})  # wrong
 
     async def listed(**params: Any) -> list[int]:
-        response = await sim_db.client.get("/api/predictions", params=params)
+        response = await sim_db.client.get("/api/predictions", params=params, headers=operator())
         assert response.status_code == 200, response.text
         return [item["id"] for item in response.json()["items"]]
 
@@ -378,7 +394,7 @@ async def test_history_filters(sim_db: Simulated) -> None:
     assert await listed(only="wrong", limit=1, before_id=ids[3]) == [ids[1]]
     assert await listed(only="not_a_digit") == [ids[2]]
     assert await listed(only="unlabelled") == [ids[4]]
-    response = await sim_db.client.get("/api/predictions", params={"only": "mine"})
+    response = await sim_db.client.get("/api/predictions", params={"only": "mine"}, headers=operator())
     assert response.status_code == 422
 
 
@@ -399,9 +415,14 @@ async def test_delete_removes_the_row_and_its_drawing(sim_db: Simulated, db_url:
         assert response.status_code == status, (headers, response.text)
     response = await sim_db.client.delete(f"/api/predictions/{a['id']}", headers=owner(a))
     assert response.status_code == 204 and response.content == b""
-    assert (await sim_db.client.get(f"/api/predictions/{a['id']}/image.png")).status_code == 404
+    assert (
+        await sim_db.client.get(f"/api/predictions/{a['id']}/image.png", headers=operator())
+    ).status_code == 404
     assert (await sim_db.client.delete(f"/api/predictions/{b['id']}", headers=operator())).status_code == 204
-    assert [item["id"] for item in (await sim_db.client.get("/api/predictions")).json()["items"]] == [c["id"]]
+    assert [
+        item["id"]
+        for item in (await sim_db.client.get("/api/predictions", headers=operator())).json()["items"]
+    ] == [c["id"]]
     stats = (await sim_db.client.get("/api/stats")).json()  # the counters took the deleted rows back
     assert (stats["total"], stats["labelled"], stats["not_a_digit"], stats["accuracy"]) == (1, 0, 0, None)
     assert stats["per_digit"][1]["predicted"] == 1 and stats["per_digit"][0]["predicted"] == 0
@@ -426,6 +447,7 @@ async def test_delete_while_the_database_is_down_is_503(sim_db: Simulated, postg
 async def test_a_queued_prediction_is_labelled_with_its_token_after_the_flush(
     sim_db: Simulated, postgres
 ) -> None:
+    sim_db.service.admin_token = ADMIN  # the operator lists and exports (drawings are private)
     postgres.stop()
     try:
         response = await sim_db.client.post("/api/predictions", content=digit_png("zero"), headers=PNG)
@@ -437,7 +459,7 @@ async def test_a_queued_prediction_is_labelled_with_its_token_after_the_flush(
         if not sim_db.service.waiting:
             break
         await asyncio.sleep(0.05)
-    (item,) = (await sim_db.client.get("/api/predictions")).json()["items"]
+    (item,) = (await sim_db.client.get("/api/predictions", headers=operator())).json()["items"]
     url = f"/api/predictions/{item['id']}/label"
     assert (
         await sim_db.client.put(url, json={"label": 0}, headers={"X-Label-Token": "x"})
@@ -565,3 +587,91 @@ async def test_the_issues_three_500s_are_4xx(sim_db: Simulated) -> None:
             headers={**owner(posted), "content-type": "application/json"},
         )
         assert response.status_code == 422 and response.json()["detail"], response.text
+
+
+# -- privacy (issue 12): everyone's drawings, the export and /metrics are the operator's --------------------
+async def test_drawings_are_private_without_the_operator_token(sim_db: Simulated) -> None:
+    sim_db.service.admin_token = ADMIN
+    mine = await post_png(sim_db, digit_png("one"))
+    listed = await sim_db.client.get("/api/predictions")
+    assert listed.status_code == 401 and "operator" in listed.json()["detail"]
+    exported = await sim_db.client.get("/api/export")
+    assert exported.status_code == 401 and "operator" in exported.json()["detail"]
+    bare = await sim_db.client.get(f"/api/predictions/{mine['id']}/image.png")
+    assert bare.status_code == 401 and "image_url" in bare.json()["detail"]
+    forged = await sim_db.client.get(f"/api/predictions/{mine['id']}/image.png", params={"sig": "0" * 32})
+    assert forged.status_code == 403
+    other = await post_png(sim_db, digit_png("zero"))  # a signature is for one drawing only
+    swapped = mine["image_url"].replace(f"/{mine['id']}/", f"/{other['id']}/")
+    assert (await sim_db.client.get(swapped)).status_code == 403
+    own = await sim_db.client.get(mine["image_url"])  # the maker's signed link
+    assert own.status_code == 200 and own.content == await sim_db.store.image_png(mine["id"])
+    assert (await sim_db.client.get("/api/stats")).json()["total"] == 2  # aggregate: public
+
+
+async def test_the_export_streams_for_the_operator_or_a_signed_link(sim_db: Simulated) -> None:
+    sim_db.service.admin_token = ADMIN
+    posted = await post_png(sim_db, digit_png("one"))
+    assert (await put_label(sim_db, posted, {"label": 1})).status_code == 200
+    by_token = await sim_db.client.get("/api/export", headers=operator())
+    assert by_token.status_code == 200 and by_token.headers["content-length"] == str(len(by_token.content))
+    assert by_token.headers["cache-control"] == "no-store"
+    link = sim_db.service.links.export_url()
+    by_link = await sim_db.client.get(link)
+    assert by_link.status_code == 200
+    assert (
+        zipfile.ZipFile(io.BytesIO(by_link.content)).namelist()
+        == zipfile.ZipFile(io.BytesIO(by_token.content)).namelist()
+    )
+    expired = sim_db.service.links.export_url(ttl_s=-1)
+    assert (await sim_db.client.get(expired)).status_code == 401
+    tampered = link.replace("expires=", "expires=9")
+    assert (await sim_db.client.get(tampered)).status_code == 401
+
+
+async def test_metrics_for_the_internal_network_or_the_operator(sim: Simulated) -> None:
+    sim.service.admin_token = ADMIN
+    assert (await sim.client.get("/metrics")).status_code == 200  # loopback: internal
+    proxied = {"X-Forwarded-For": "203.0.113.9"}  # through a proxy nobody said to trust: public
+    refused = await sim.client.get("/metrics", headers=proxied)
+    assert refused.status_code == 401 and "internal network" in refused.json()["detail"]
+    assert (await sim.client.get("/metrics", headers={**proxied, **operator()})).status_code == 200
+    wrong = {**proxied, "Authorization": "Bearer wrong"}
+    assert (await sim.client.get("/metrics", headers=wrong)).status_code == 401
+
+
+# -- the storage quota (issue 12) ---------------------------------------------------------------------------
+async def test_at_the_quota_a_prediction_is_refused_507_and_nothing_is_stored(sim_db: Simulated) -> None:
+    sim_db.service.quota = Quota(max_rows=2)
+    for _ in range(2):
+        assert (
+            await sim_db.client.post("/api/predictions", content=digit_png("one"), headers=PNG)
+        ).status_code == 201
+    calls = sim_db.model.calls
+    full = await sim_db.client.post("/api/predictions", content=digit_png("one"), headers=PNG)
+    assert full.status_code == 507 and "STORAGE_MAX_ROWS" in full.json()["detail"]
+    assert sim_db.model.calls == calls  # refused before the model was asked
+    assert await sim_db.store.count() == 2
+
+
+async def test_pruning_lets_the_oldest_unlabelled_drawings_go(sim_db: Simulated) -> None:
+    sim_db.service.quota = Quota(max_rows=3, prune=True)
+    first = await post_png(sim_db, digit_png("one"))
+    assert (await put_label(sim_db, first, {"label": 1})).status_code == 200  # labelled: kept
+    second = await post_png(sim_db, digit_png("zero"))
+    third = await post_png(sim_db, digit_png("one"))
+    fourth = await sim_db.client.post("/api/predictions", content=digit_png("zero"), headers=PNG)
+    assert fourth.status_code == 201
+    kept = {r.id for r in await sim_db.store.recent(10)}
+    assert first["id"] in kept and fourth.json()["id"] in kept
+    assert second["id"] not in kept and third["id"] not in kept  # the oldest unlabelled: pruned
+    assert await sim_db.store.count() == 2
+
+
+async def test_the_answer_says_whether_it_is_a_digit(sim: Simulated) -> None:
+    sim.model.is_digit = False
+    answer = await sim.client.post("/api/predictions", content=digit_png("one"), headers=PNG)
+    assert answer.status_code == 201 and answer.json()["is_digit"] is False and answer.json()["digit"] == 1
+    sim.model.is_digit = None  # an archive from before the "not a digit" head
+    answer = await sim.client.post("/api/predictions", content=digit_png("one"), headers=PNG)
+    assert answer.status_code == 201 and answer.json()["is_digit"] is None

@@ -6,9 +6,11 @@ The real server (its middlewares and uvicorn) on the session's PostgreSQL and a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +27,7 @@ from tests.ui.test_outbox_crash import app_process
 pytestmark = pytest.mark.slow
 
 PNG = {"content-type": "image/png"}
+HEAD_TIMEOUT_S = 2.0  # the served app's request-head deadline (HEAD_TIMEOUT_S), short for the test
 JSON = {"content-type": "application/json"}
 
 
@@ -94,7 +97,11 @@ LABELS: list[tuple[str, bytes, int]] = [
 def served(postgres: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     url: str = postgres.create_database()
     migrate(url)
-    with FakeModelServer() as model, app_process(tmp_path_factory.mktemp("corpus"), url, model.url) as app:
+    tmp = tmp_path_factory.mktemp("corpus")
+    with (
+        FakeModelServer() as model,
+        app_process(tmp, url, model.url, HEAD_TIMEOUT_S=str(HEAD_TIMEOUT_S)) as app,
+    ):
         yield app
 
 
@@ -128,6 +135,40 @@ def test_bad_labels_are_4xx_with_a_message(served: RunningApp, name: str, body: 
     assert response.status_code == status, (name, response.text)
     assert response.json()["detail"]
     assert httpx.put(url, json={"label": 1}, headers=headers, timeout=10).status_code == 200
+
+
+def test_a_trickled_request_head_is_cut_with_408(served: RunningApp) -> None:
+    """Slowloris: one header byte every 0.2 s would hold a connection for ever without the deadline."""
+    host, port = served.url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        answer = b""
+        with contextlib.suppress(OSError):  # the server may close while we still write
+            for byte in b"X-Slow: " + b"a" * 200:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+                sock.settimeout(0.01)
+                with contextlib.suppress(TimeoutError):
+                    if chunk := sock.recv(65536):
+                        answer += chunk
+                        break
+                sock.settimeout(30)
+        sock.settimeout(30)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b'"detail"' in answer, answer
+    assert HEAD_TIMEOUT_S - 0.5 <= took <= HEAD_TIMEOUT_S + 3, took
+    good_request_works(served)
+
+
+def test_a_keep_alive_connection_gets_the_deadline_for_each_head(served: RunningApp) -> None:
+    with httpx.Client(base_url=served.url, timeout=10) as client:  # one connection, several requests
+        for _ in range(3):
+            assert client.get("/healthz").status_code == 200
+            time.sleep(HEAD_TIMEOUT_S / 2)  # idle well within the keep-alive and head deadlines
 
 
 def test_a_short_body_with_a_long_content_length_is_408(served: RunningApp) -> None:

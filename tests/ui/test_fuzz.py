@@ -1,7 +1,7 @@
 """Schema fuzzing: `schemathesis` against the app's own OpenAPI schema, every operation.
 
 `python -m ui` (the real server and its middlewares) on a fresh migrated database of the
-session's real PostgreSQL, with a fake model server on a real port. Each operation gets a few
+session's real PostgreSQL, answered by the session's real TorchServe. Each operation gets a few
 generated requests (bounded: the whole run is well under a minute); every answer must be no
 5xx, a documented status, the documented content type and schema.
 """
@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from db.migrate import migrate
-from tests.ui.fakes import FakeModelServer, digit_png
+from tests.ui.fakes import digit_png
 from tests.ui.live import RunningApp
 from tests.ui.test_outbox_crash import app_process
 
@@ -49,10 +49,12 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def served(postgres: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+def served(postgres: Any, torchserve: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     url: str = postgres.create_database()
     migrate(url)  # as `python -m db migrate` does
-    with FakeModelServer() as model, app_process(tmp_path_factory.mktemp("fuzz"), url, model.url) as app:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    model = {"TORCHSERVE_KEY_FILE": str(torchserve.key_file), "MANAGEMENT_URL": torchserve.management_url}
+    with app_process(tmp, url, torchserve.inference_url, **model) as app:
         # A few rows, so that generated ids sometimes hit one (their images, labels, deletions).
         for kind in ("one", "zero", "one"):
             httpx.post(

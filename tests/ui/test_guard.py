@@ -24,7 +24,7 @@ from tests.ui.live import RunningApp
 from tests.ui.test_outbox_crash import app_process
 from ui.app import add_guards
 from ui.headers import CSP, harden_cookie
-from ui.ratelimit import client_address, parse_networks
+from ui.ratelimit import INTERNAL_NETWORKS, client_address, is_internal, parse_networks
 
 PNG = {"content-type": "image/png"}
 
@@ -251,3 +251,16 @@ def test_unknown_routes_and_methods_under_api_are_json(served: RunningApp) -> No
     page = httpx.get(served.url, timeout=5)
     assert page.status_code == 200 and page.headers["content-security-policy"] == CSP
     assert json.loads(httpx.get(f"{served.url}/openapi.json", timeout=5).text)["paths"]
+
+
+def test_who_is_internal() -> None:
+    proxies, internal = parse_networks("10.0.0.5"), parse_networks(INTERNAL_NETWORKS)
+    assert is_internal("127.0.0.1", None, proxies, internal)  # loopback: Prometheus beside the app
+    assert is_internal("172.18.0.4", None, proxies, internal)  # Compose's network
+    assert not is_internal("203.0.113.9", None, proxies, internal)
+    # A proxy we were not told to trust passed it on: public, whatever the proxy's own address.
+    assert not is_internal("172.18.0.4", "203.0.113.9", proxies, internal)
+    assert not is_internal("172.18.0.4", "10.1.2.3", proxies, internal)
+    # Our proxy: the client it saw decides.
+    assert not is_internal("10.0.0.5", "203.0.113.9", proxies, internal)
+    assert is_internal("10.0.0.5", "192.168.1.20", proxies, internal)

@@ -29,11 +29,12 @@ N = 25
 
 
 @contextlib.contextmanager
-def app_process(tmp: Path, database_url: str, model_url: str) -> Iterator[RunningApp]:
+def app_process(tmp: Path, database_url: str, model_url: str, **extra: str) -> Iterator[RunningApp]:
     """`python -m ui` (serve only) on its own port, with its data folder (the outbox) under `tmp`."""
     port = free_port()
     log = tmp / f"ui-{port}.log"
-    env = app_env(tmp, port, DATABASE_URL=database_url, INFERENCE_URL=model_url, MANAGEMENT_URL=model_url)
+    model = {"INFERENCE_URL": model_url, "MANAGEMENT_URL": model_url}
+    env = app_env(tmp, port, DATABASE_URL=database_url, **{**model, **extra})
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "ui"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from uuid import uuid4
 
+import httpx
 import pytest
-from nicegui import Client, ui
+from nicegui import Client, core, ui
 from nicegui.nicegui import _on_handshake
 from nicegui.storage import Storage
 from nicegui.testing.user import User
@@ -25,16 +26,28 @@ from ui.feed import Feed, feed_for
 from ui.history import PAGE_SIZE
 from ui.page import DB_DOWN, MODEL_DOWN, NEED_CHOICE, NEED_PREDICTION
 from ui.result import PLACEHOLDER
+from ui.service import Quota
 from ui.views import png_data_url
 
 E = TypeVar("E", bound=ui.element)
 
 
-async def draw(sim: Simulated, png: bytes | None) -> DigitCanvas:
-    """Play the browser's `change` event of the canvas."""
-    canvas = next(iter(sim.user.find(DigitCanvas).elements))
+async def draw(sim: Simulated, png: bytes | None, user: User | None = None) -> DigitCanvas:
+    """Play the browser's `change` event of the canvas (of `user`'s tab, default the first)."""
+    canvas = next(iter((user or sim.user).find(DigitCanvas).elements))
     await canvas.receive(png_data_url(png) if png else None, 1 if png else 0)
     return canvas
+
+
+async def drawn(sim: Simulated, kind: str, user: User | None = None) -> int:
+    """Draw and predict in a tab: a drawing of this browser (its history shows only those); its id."""
+    user = user or sim.user
+    before = len(sim.store.rows)
+    await draw(sim, None, user)  # a fresh drawing, even of the same digit
+    await draw(sim, digit_png(kind), user)
+    user.find(marker="predict").click()
+    await eventually(lambda: len(sim.store.rows) > before)
+    return max(sim.store.rows)
 
 
 async def eventually(check, timeout: float = 3.0) -> None:
@@ -137,7 +150,7 @@ async def test_keyboard_label_enter_and_escape(sim: Simulated) -> None:
     await sim.user.should_see("Draw a digit and press Predict.")
 
 
-async def test_statistics_per_model_version_and_download(sim: Simulated) -> None:
+async def test_statistics_per_model_version_and_no_public_download(sim: Simulated) -> None:
     for version, kind, label in (("1.0", "one", 1), ("1.0", "zero", 8), ("2.0", "one", 1)):
         sim.model.version = version
         outcome = await sim.service.predict(digit_png(kind))
@@ -149,15 +162,14 @@ async def test_statistics_per_model_version_and_download(sim: Simulated) -> None
     sim.user.find("model version 2.0").click()
     await sim.user.should_see(marker="stat-predictions", content="1")
     await sim.user.should_see(marker="stat-accuracy", content="100.0 %")
-    sim.user.find("Download labelled drawings").click()
-    response = await sim.user.download.next()
-    assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+    await sim.user.should_not_see("Download labelled drawings")  # the export is the operator's (/admin)
 
 
 async def test_history_pages(sim: Simulated) -> None:
+    await sim.user.open("/")
     for _ in range(12):
-        await sim.service.predict(digit_png("one"))
-    await sim.service.predict(digit_png("zero"))
+        await drawn(sim, "one")
+    await drawn(sim, "zero")
     await sim.user.open("/")
     await sim.user.should_see("predicted 0")
     assert len(sim.user.find(marker="history-row").elements) == 10
@@ -198,10 +210,15 @@ class CountingStore(FakeStore):
     reads: Counter[str] = field(default_factory=Counter)
 
     async def recent(
-        self, limit: int = 20, before_id: int | None = None, *, only: Only = "all"
+        self,
+        limit: int = 20,
+        before_id: int | None = None,
+        *,
+        only: Only = "all",
+        ids: Collection[int] | None = None,
     ) -> list[PredictionRow]:
         self.reads["recent"] += 1
-        return await super().recent(limit, before_id, only=only)
+        return await super().recent(limit, before_id, only=only, ids=ids)
 
     async def stats(self) -> Stats:
         self.reads["stats"] += 1
@@ -216,11 +233,16 @@ async def counted(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> AsyncIter
     assert_no_error_logs(caplog)
 
 
-async def open_tab(sim: Simulated) -> User:
-    """One more browser tab on the same app."""
-    tab = User(sim.client)
+async def open_tab(sim: Simulated, user: User | None = None) -> User:
+    """One more tab of the same browser (its cookies), or the page opened by `user` (another browser)."""
+    tab = user or User(sim.client)
     await tab.open("/")
     return tab
+
+
+def another_browser() -> User:
+    """A user of another browser: its own cookies, so its own session and its own drawings."""
+    return User(httpx.AsyncClient(transport=httpx.ASGITransport(core.app), base_url="http://test"))
 
 
 def feed_of(sim: Simulated) -> Feed:
@@ -234,8 +256,9 @@ def sockets(client: Client) -> dict[str, str]:
 
 async def test_two_tabs_see_a_prediction_made_in_a_third(sim: Simulated) -> None:
     await sim.user.open("/")
-    others = [await open_tab(sim) for _ in range(2)]
-    for other in others:
+    others = [await same_browser_tab(sim) for _ in range(2)]
+    stranger = await open_tab(sim)  # another browser: the counts, never the drawing
+    for other in [*others, stranger]:
         await other.should_see("No predictions yet.")
     await draw(sim, digit_png("zero"))
     sim.user.find(marker="predict").click()
@@ -243,25 +266,36 @@ async def test_two_tabs_see_a_prediction_made_in_a_third(sim: Simulated) -> None
     for other in others:
         await other.should_see("predicted 0", retries=30)
         await other.should_see(marker="stat-predictions", content="1")
+    await stranger.should_see(marker="stat-predictions", content="1", retries=30)
+    await stranger.should_see("No predictions yet.")
     sim.user.find(marker="label-8").click()
     sim.user.find(marker="submit").click()
     for other in others:
         await other.should_see("true 8", retries=30)
         await other.should_see(marker="stat-labelled", content="1")
+    await stranger.should_see(marker="stat-labelled", content="1", retries=30)
+    await stranger.should_not_see("true 8")
 
 
 async def test_one_change_costs_two_queries_whatever_the_number_of_tabs(counted: Simulated) -> None:
-    tabs = [await open_tab(counted) for _ in range(6)]
-    for tab in tabs:
+    tabs = [await open_tab(counted, User(counted.user.http_client)) for _ in range(6)]  # one browser
+    strangers = [await open_tab(counted, another_browser()) for _ in range(3)]
+    for tab in tabs + strangers:
         await tab.should_see("No predictions yet.")
-    assert counted.store.reads == {"recent": 1, "stats": 1}  # the first tab's load, shared by the others
-    counted.store.reads.clear()
-    await counted.service.predict(digit_png("zero"))  # from the API, say
+    assert counted.store.reads == {"stats": 1}  # the first tab's load, shared; no drawings of theirs yet
+    await drawn(counted, "zero", tabs[0])
     for tab in tabs:
         await tab.should_see("predicted 0", retries=30)
-        await tab.should_see(marker="stat-predictions", content="1")
+        await tab.should_see(marker="stat-predictions", content="1", retries=30)
+    for stranger in strangers:  # another browser: the count, never the drawing
+        await stranger.should_see(marker="stat-predictions", content="1", retries=30)
+        await stranger.should_see("No predictions yet.")
+    counted.store.reads.clear()
+    await counted.service.predict(digit_png("one"))  # from the API, say
+    for tab in tabs + strangers:
+        await tab.should_see(marker="stat-predictions", content="2", retries=30)
     await asyncio.sleep(2 * feed_of(counted).interval_s)  # nothing more comes
-    assert counted.store.reads == {"recent": 1, "stats": 1}
+    assert counted.store.reads == {"recent": 1, "stats": 1}  # all nine tabs, one query of each
 
 
 async def test_closed_tabs_leave_the_feed(counted: Simulated) -> None:
@@ -294,7 +328,7 @@ async def test_a_reconnected_tab_catches_up(counted: Simulated) -> None:
         f"test-{uuid4()}", {"client_id": client.id, "tab_id": tab.tab_id, "document_id": document_id}
     )
     await eventually(lambda: feed.subscribers == 1)
-    await tab.should_see("predicted 0", retries=30)
+    await tab.should_see(marker="stat-predictions", content="1", retries=30)
 
 
 async def test_a_page_build_does_no_database_work_before_the_browser_connects(counted: Simulated) -> None:
@@ -307,10 +341,11 @@ async def test_a_page_build_does_no_database_work_before_the_browser_connects(co
 
 
 async def test_history_and_statistics_come_back_with_the_database(sim: Simulated) -> None:
-    await sim.service.predict(digit_png("zero"))
+    await sim.user.open("/")
+    await drawn(sim, "zero")
     feed_of(sim).retry_s = 0.1
     sim.store.down = True
-    await sim.user.open("/")
+    await sim.user.open("/")  # a reload
     await sim.user.should_see("History is unavailable: the database is unreachable.")
     await sim.user.should_see("Statistics are unavailable: the database is unreachable.")
     await sim.user.should_not_see("No predictions yet.")
@@ -584,10 +619,9 @@ async def test_own_rows_can_be_edited_and_deleted_others_cannot(sim: Simulated) 
     other = await sim.service.predict(digit_png("one"))  # someone else's (the API, say): row 1
     await sim.user.open("/")
     await predicted(sim, "zero", 2)
-    await sim.user.should_see(marker="history-row-1")
-    with sim.user.scope(marker="history-row-1"):
-        await sim.user.should_not_see(marker="history-edit")
-        await sim.user.should_not_see(marker="history-delete")
+    await sim.user.should_see(marker="history-row-2")
+    await sim.user.should_not_see(marker="history-row-1")  # private: not even shown
+    await sim.user.should_see(marker="stat-predictions", content="2", retries=30)  # but counted
     with sim.user.scope(marker="history-row-2"):
         await sim.user.should_see("#2")
         sim.user.find(marker="history-edit").click()
@@ -618,11 +652,10 @@ async def test_own_rows_stay_editable_after_a_reload_not_in_another_browser(sim:
         again.find(marker="history-edit").click()
     again.find(marker="edit-right").click()
     await eventually(lambda: sim.store.rows[1][1] == 0)
-    stranger = await open_tab(sim)  # another browser (its own cookie): no token
-    await stranger.should_see(marker="history-row-1", retries=30)
-    with stranger.scope(marker="history-row-1"):
-        await stranger.should_not_see(marker="history-edit")
-        await stranger.should_not_see(marker="history-delete")
+    stranger = await open_tab(sim)  # another browser (its own cookie): neither the drawing nor a token
+    await stranger.should_see(marker="stat-predictions", content="1", retries=30)
+    await stranger.should_not_see(marker="history-row-1")
+    await stranger.should_see("No predictions yet.")
 
 
 async def test_a_prediction_kept_while_the_database_was_down_becomes_editable(sim: Simulated) -> None:
@@ -654,14 +687,12 @@ def shown_ids(user: User) -> list[int]:
 
 
 async def test_history_filters_query_their_own_rows(sim: Simulated) -> None:
-    wrong = await sim.service.predict(digit_png("one"))
-    await sim.service.label(wrong, 7)
-    right = await sim.service.predict(digit_png("zero"))
-    await sim.service.label(right, 0)
-    unlabelled = await sim.service.predict(digit_png("one"))
-    scribble = await sim.service.predict(digit_png("zero"))
-    await sim.service.label(scribble, None, not_a_digit=True)
     await sim.user.open("/")
+    wrong, right, unlabelled, scribble = [await drawn(sim, kind) for kind in ("one", "zero", "one", "zero")]
+    await sim.service.label_by_id(wrong, 7, operator=True)
+    await sim.service.label_by_id(right, 0, operator=True)
+    await sim.service.label_by_id(scribble, None, not_a_digit=True, operator=True)
+    await sim.service.predict(digit_png("one"))  # someone else's: in no view of this page
     await sim.user.should_see(marker="history-row-4")
     (toggle,) = sim.user.find(marker="history-filter").elements
     assert isinstance(toggle, ui.toggle)
@@ -670,9 +701,9 @@ async def test_history_filters_query_their_own_rows(sim: Simulated) -> None:
         await eventually(lambda: shown_ids(sim.user) == sorted(i for i in ids if i is not None))
 
     cases: list[tuple[str, list[int | None]]] = [
-        ("wrong", [wrong.id]),
-        ("unlabelled", [unlabelled.id]),
-        ("not_a_digit", [scribble.id]),
+        ("wrong", [wrong]),
+        ("unlabelled", [unlabelled]),
+        ("not_a_digit", [scribble]),
         ("all", [1, 2, 3, 4]),
     ]
     for value, ids in cases:
@@ -680,17 +711,17 @@ async def test_history_filters_query_their_own_rows(sim: Simulated) -> None:
         await shows(ids)
     toggle.value = "wrong"
     await shows([1])
-    await sim.service.predict(digit_png("one"))  # pushed to the unfiltered page only
+    await drawn(sim, "one")  # row 6, pushed to the unfiltered page only
     await asyncio.sleep(2 * feed_of(sim).interval_s)
     await shows([1])
     toggle.value = "unlabelled"
-    await sim.user.should_see("#5")
-    await shows([3, 5])
+    await sim.user.should_see("#6")
+    await shows([3, 6])
 
 
 async def test_a_filtered_view_with_nothing_in_it_says_so(sim: Simulated) -> None:
-    await sim.service.predict(digit_png("one"))
     await sim.user.open("/")
+    await drawn(sim, "one")
     await sim.user.should_see(marker="history-row-1")
     toggle = only(sim, "history-filter", ui.toggle)
     toggle.value = "wrong"
@@ -706,3 +737,26 @@ async def test_keys_are_not_the_pages_while_a_history_dialog_is_open(sim: Simula
     press(sim, "Escape", "Escape")
     await asyncio.sleep(0.2)
     assert sim.store.rows[1][1] is None and canvas.png is not None  # neither labelled nor cleared
+
+
+async def test_at_the_storage_quota_the_page_answers_but_says_it_was_not_kept(sim: Simulated) -> None:
+    sim.service.quota = Quota(max_rows=1)
+    await sim.user.open("/")
+    await drawn(sim, "one")
+    await draw(sim, None)
+    await draw(sim, digit_png("zero"))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see(marker="digit", content="0")  # the answer is still shown
+    await sim.user.should_see("This answer could not be kept: storage is full", retries=30)
+    assert len(sim.store.rows) == 1
+
+
+async def test_not_a_digit_says_so_instead_of_a_confident_digit(sim: Simulated) -> None:
+    sim.model.is_digit = False
+    await sim.user.open("/")
+    await draw(sim, digit_png("one"))
+    sim.user.find(marker="predict").click()
+    await sim.user.should_see("That does not look like a digit (best guess 1, 91.0 %)")
+    await sim.user.should_see(marker="digit", content="?")
+    await sim.user.should_not_see("91.0 % sure")
+    await sim.user.should_see(marker="not-a-digit")  # the person can still say what it is

@@ -32,6 +32,10 @@ from ui.service import Outcome
 from ui.statistics import per_digit_accuracy, shown_stats, version_options, version_rows
 
 
+def URL(prediction_id: int) -> str:
+    return f"/img/{prediction_id}"
+
+
 def test_pixels_data_url_round_trips() -> None:
     pixels = list(range(256)) * 3 + [7] * 16
     url = views.pixels_data_url(pixels)
@@ -93,7 +97,7 @@ def outcome(digit: int = 0, prediction_id: int | None = None, label: int | None 
 
 def test_history_items_waiting_first_then_rows() -> None:
     first, second = outcome(digit=3), outcome(digit=4)  # the service lists waiting ones oldest first
-    items = history_items([first, second], [row(2), row(1)])
+    items = history_items([first, second], [row(2), row(1)], URL)
     assert [(i.id, i.digit, i.stored) for i in items] == [
         (None, 4, False),
         (None, 3, False),
@@ -101,25 +105,25 @@ def test_history_items_waiting_first_then_rows() -> None:
         (1, 1, True),
     ]
     assert items[0].thumbnail.startswith("data:image/png;base64,")
-    assert items[2].thumbnail == "/api/predictions/2/image.png"
+    assert items[2].thumbnail == "/img/2"  # the URL the page gives (signed: `ui.signing`)
 
 
 def test_history_items_show_at_most_a_page_of_waiting_predictions() -> None:
     waiting = [outcome(digit=d % 10) for d in range(PAGE_SIZE + 25)]
-    items = history_items(waiting, [])
+    items = history_items(waiting, [], URL)
     assert len(items) == PAGE_SIZE and items[0].digit == waiting[-1].prediction.digit
 
 
 def test_history_items_lay_the_tabs_own_prediction_over_the_rows() -> None:
     rows = [row(i) for i in range(PAGE_SIZE, 0, -1)]  # a full page, newest first
-    labelled = history_items([], rows, outcome(digit=1, prediction_id=7, label=5))
+    labelled = history_items([], rows, URL, outcome(digit=1, prediction_id=7, label=5))
     assert labelled[PAGE_SIZE - 7].id == 7 and labelled[PAGE_SIZE - 7].label == 5
-    newer = history_items([], rows, outcome(digit=0, prediction_id=PAGE_SIZE + 1))
+    newer = history_items([], rows, URL, outcome(digit=0, prediction_id=PAGE_SIZE + 1))
     assert [i.id for i in newer] == list(range(PAGE_SIZE + 1, 1, -1))  # on top, the page stays full
     assert older_cursor(newer, full_page=True) == 2  # "Older" goes on below what is shown
-    waiting = history_items([], rows, outcome(digit=0))  # not stored: the service lists it as waiting
+    waiting = history_items([], rows, URL, outcome(digit=0))  # not stored: the service lists it as waiting
     assert [i.id for i in waiting] == [r.id for r in rows]
-    assert older_cursor(history_items([], rows[:3]), full_page=False) is None
+    assert older_cursor(history_items([], rows[:3], URL), full_page=False) is None
 
 
 def test_status_text() -> None:
@@ -242,18 +246,18 @@ def test_status_text_not_a_digit() -> None:
 
 
 def test_history_items_not_a_digit_top_guesses_and_own_label() -> None:
-    items = history_items([], [row(2, not_a_digit=True), row(1, label=1)])
+    items = history_items([], [row(2, not_a_digit=True), row(1, label=1)], URL)
     assert [label_text(i) for i in items] == ["not a digit", "true 1"]
     assert items[0].labelled and items[0].top == "0 10% · 1 10% · 2 10%"
-    assert label_text(stored_item(row(5))) == "–"
+    assert label_text(stored_item(row(5), URL)) == "–"
     mine = outcome(digit=1, prediction_id=1)
     mine.not_a_digit = True
-    laid = history_items([], [row(1, label=None)], mine)
+    laid = history_items([], [row(1, label=None)], URL, mine)
     assert laid[0].not_a_digit and laid[0].label is None
 
 
 def test_edits_are_laid_over_the_history() -> None:
-    items = history_items([], [row(3), row(2), row(1)])
+    items = history_items([], [row(3), row(2), row(1)], URL)
     edits = {2: Edit(version=5, label=None, not_a_digit=True), 1: Edit(version=5, deleted=True)}
     shown = apply_edits(items, edits)
     assert [(i.id, i.not_a_digit) for i in shown] == [(3, False), (2, True)]
@@ -261,7 +265,7 @@ def test_edits_are_laid_over_the_history() -> None:
 
 def test_mark_own_by_id_and_by_waiting_key() -> None:
     waiting = outcome(digit=2)
-    items = mark_own(history_items([waiting], [row(2), row(1)]), ids={1}, keys={waiting.key})
+    items = mark_own(history_items([waiting], [row(2), row(1)], URL), ids={1}, keys={waiting.key})
     assert [(i.id, i.own) for i in items] == [(None, True), (2, False), (1, True)]
 
 
