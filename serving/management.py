@@ -16,8 +16,11 @@ described by pure functions (`_Call`) that both clients send, so the two cannot 
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 import httpx
@@ -195,12 +198,26 @@ def _version_set(descriptions: list[Description]) -> set[str]:
     return {str(d.get("modelVersion")) for d in descriptions}
 
 
+MANIFEST = "MAR-INF/MANIFEST.json"
+
+
+def manifest_version(mar: Path) -> str:
+    """The version in an archive's MANIFEST: what TorchServe registers it as."""
+    with zipfile.ZipFile(mar) as z:
+        return str(json.loads(z.read(MANIFEST))["model"]["modelVersion"])
+
+
 def _new_version(before: set[str], after: set[str], expected: str | None, url: str) -> str:
-    """The version a registration added; `ManagementError` when it is not the `expected` one."""
+    """The version a registration added; `ManagementError` when it is not the `expected` one.
+
+    With `expected`, other versions added meanwhile (another process registering beside it) do
+    not matter; without it, exactly one new version must have come."""
     added = sorted(after - before)
-    if expected is not None and added != [expected]:
-        got = ", ".join(added) or "nothing new"
-        raise ManagementError(f"registering {url}", f"expected version {expected}, registered {got}")
+    if expected is not None:
+        if expected not in added:
+            got = ", ".join(added) or "nothing new"
+            raise ManagementError(f"registering {url}", f"expected version {expected}, registered {got}")
+        return expected
     if len(added) != 1:
         raise ManagementError(f"registering {url}", f"cannot tell the new version (added: {added})")
     return added[0]

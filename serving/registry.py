@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,14 +35,13 @@ from typing import Any
 from db.records import ModelVersion, VersionNotFound
 from db.registry import Registry
 from serving.keys import KeyFileAuth, key_file_of
-from serving.management import AsyncManagementClient, Description, ManagementError
+from serving.management import AsyncManagementClient, Description, ManagementError, manifest_version
 from serving.ports import local_url
 from settings import Settings
 
 log = logging.getLogger(__name__)
 
 SHIPPED_REASON = "the shipped model"
-MANIFEST = "MAR-INF/MANIFEST.json"
 DRAIN_S = 2.0
 # restore_live acts on a difference only if it is still there after this: another process (the UI
 # promoting) switches TorchServe's default a few milliseconds before it updates the registry.
@@ -82,12 +79,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def manifest_version(mar: Path) -> str:
-    """The version in an archive's MANIFEST: what TorchServe registers it as."""
-    with zipfile.ZipFile(mar) as z:
-        return str(json.loads(z.read(MANIFEST))["model"]["modelVersion"])
 
 
 def next_version(existing: list[str]) -> str:

@@ -48,6 +48,7 @@ from serving.management import (
     ManagementClient,
     ManagementError,
     is_ready,
+    manifest_version,
     worker_states,
 )
 from serving.ports import local_url, port_free
@@ -364,6 +365,8 @@ def register(config: ServeConfig, timeout: float = START_TIMEOUT_S) -> str:
         with config.management() as client:
             return client.register(
                 config.mar_file.name,
+                # Named: the trainer may register the live version beside it at the same moment.
+                version=manifest_version(config.mar_file),
                 workers=config.workers,
                 batch_size=config.batch_size,
                 max_batch_delay_ms=config.max_batch_delay_ms,

@@ -319,7 +319,8 @@ class Trainer:
         beat.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:
-                await self.models.restore_live()
+                if await self.models.restore_live() is not None:
+                    synced_file(self.settings).touch()  # this TorchServe serves the live version
                 await self.models.drop_leftovers()
             except Exception as exc:  # TorchServe restarting, database down: next time
                 log.debug("restore_live: %s", exc)
@@ -386,6 +387,23 @@ def healthy(settings: Settings, now: float | None = None) -> tuple[bool, str]:
     except OSError:
         return False, f"no heartbeat yet ({path})"
     return age <= limit, f"heartbeat {age:.0f} s ago (limit {limit:.0f} s)"
+
+
+def synced_file(settings: Settings) -> Path:
+    return Path(settings.run_dir) / "trainer" / "synced"
+
+
+def ready(settings: Settings, now: float | None = None) -> tuple[bool, str]:
+    """The keep-live sidecar's readiness: healthy, and its TorchServe served the registry's live
+    version at least once. A new replica (its pod not ready until then) so never answers the
+    public with the shipped 1.0 after another version was promoted. Once synced it stays ready
+    while the database is away: predictions must not stop with it."""
+    ok, detail = healthy(settings, now)
+    if not ok:
+        return ok, detail
+    if not synced_file(settings).exists():
+        return False, f"{detail}; TorchServe does not serve the live version yet"
+    return True, f"{detail}; TorchServe serves the live version"
 
 
 async def _exit_with_parent(parent: int) -> None:
@@ -463,11 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process dies")
     parser.add_argument("--health", action="store_true", help="exit 0 when a worker runs here, else 1")
     parser.add_argument(
+        "--ready", action="store_true", help="--health, and TorchServe served the live version at least once"
+    )
+    parser.add_argument(
         "--keep-live-only", action="store_true", help="no worker: keep TorchServe on the live version"
     )
     args = parser.parse_args(argv)
-    if args.health:
-        ok, detail = healthy(get_settings())
+    if args.health or args.ready:
+        ok, detail = (ready if args.ready else healthy)(get_settings())
         print(f"{'healthy' if ok else 'unhealthy'}: {detail}")
         return 0 if ok else 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

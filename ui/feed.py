@@ -32,6 +32,9 @@ T = TypeVar("T")
 Subscriber = Callable[["Snapshot"], None]
 OwnIds = Callable[[], Collection[int]]  # the ids of the drawings a page's browser made
 MAX_PAGE = 500  # the store's largest page: ids asked for per query
+# At most this share of the time goes to pushing (hundreds of tabs: each costs a few ms per push):
+# the pause between pushes grows with what the last one cost, so the API keeps the rest.
+PUSH_SHARE = 0.2
 MAX_IDS = 20_000  # ids asked for in one load, whatever the number of tabs (the newest kept)
 
 
@@ -97,6 +100,7 @@ class Feed:
         self._dirty = False
         self._wake = asyncio.Event()
         self._last_load = -float("inf")
+        self._publish_s = 0.0  # what the last push to every page cost
         self._loading: asyncio.Task[Snapshot] | None = None
         self._pump: asyncio.Task[None] | None = None
         source.add_listener(self.changed)
@@ -161,14 +165,17 @@ class Feed:
                     await asyncio.wait_for(self._wake.wait(), self.retry_s)
                 if not self._subscribers:
                     return
-            delay = self._last_load + self.interval_s - time.monotonic()
+            gap = max(self.interval_s, self._publish_s / PUSH_SHARE)
+            delay = self._last_load + gap - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # throttled: a burst of changes makes one load
             self._dirty = False
             snapshot = await self._load_shared()
             if snapshot.version != self.source.version:
                 self._dirty = True  # it began before the latest change (a load shared with `current`)
+            began = time.monotonic()
             await self._publish(snapshot)
+            self._publish_s = time.monotonic() - began
 
     def _load_shared(self) -> asyncio.Task[Snapshot]:
         if self._loading is None or self._loading.done():

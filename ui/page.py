@@ -116,6 +116,8 @@ class DigitPage:
         self.history_cursors: list[int] = []  # before_id of each older history page shown; [] = the first
         self.held: dict[str, Outcome] = {}  # this browser's predictions waiting for the database, by key
         self.edits: dict[int, Edit] = {}  # this tab's relabels and deletes, until the feed shows them
+        # What the pushed first history page shows now: re-rendered only when it would change.
+        self.history_shown: tuple[list[HistoryItem], bool, int | None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- layout
@@ -249,11 +251,13 @@ class DigitPage:
         items = self.owned(
             apply_edits(history_items(waiting, rows, self.service.links.image_url, self.outcome), self.edits)
         )
-        self.history.show(
-            items,
-            unavailable=snapshot is not None and snapshot.recent is None,
-            older_than=older_cursor(items, len(rows) >= PAGE_SIZE),
-        )
+        unavailable = snapshot is not None and snapshot.recent is None
+        older_than = older_cursor(items, len(rows) >= PAGE_SIZE)
+        shown = (items, unavailable, older_than)
+        if shown == self.history_shown:
+            return  # someone else's change: this tab's drawings are as shown (a push costs it nothing)
+        self.history_shown = shown
+        self.history.show(items, unavailable=unavailable, older_than=older_than)
 
     async def show_queried_page(self, before_id: int | None) -> bool:
         """Query one page of the current view (only this tab looks at it); False when unreachable."""
@@ -266,6 +270,7 @@ class DigitPage:
         self.settle_held()
         items = self.owned(history_items([], rows, self.service.links.image_url))
         older = older_cursor(items, len(rows) >= PAGE_SIZE)
+        self.history_shown = None  # another view: the pushed page is rendered again when it comes back
         self.history.show(items, older_than=older, newer=before_id is not None)
         return True
 

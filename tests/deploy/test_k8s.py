@@ -749,8 +749,9 @@ def test_every_torchserve_replica_follows_the_registry_live_version(
         "TORCHSERVE_TOKEN_AUTH",
     ):
         assert env.get(key) == served_env.get(key), key
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert keep_live[probe]["exec"]["command"] == ["python", "-m", "serving.trainer", "--health"]
+    assert keep_live["livenessProbe"]["exec"]["command"] == ["python", "-m", "serving.trainer", "--health"]
+    # The pod is ready only once its TorchServe served the live version (serving.trainer.ready).
+    assert keep_live["readinessProbe"]["exec"]["command"] == ["python", "-m", "serving.trainer", "--ready"]
     # TorchServe starts without waiting for it (nor for PostgreSQL): no startupProbe to hold it.
     assert "startupProbe" not in keep_live
 

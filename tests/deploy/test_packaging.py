@@ -4,10 +4,12 @@ reads, and the database commands work in it against a real PostgreSQL, without `
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -177,5 +179,7 @@ async def test_database_commands_work_in_the_image_environment(
     assert "2 labelled drawings" in exported.stdout
     with zipfile.ZipFile(tmp_path / "out.zip") as zf:
         labels = idx.decode(gzip.decompress(zf.read("labels-idx1-ubyte.gz")), magic=idx.UBYTE_LABELS)
-        assert zf.read(f"png/6/{ids[2]}.png")[:8] == b"\x89PNG\r\n\x1a\n"
+        with tarfile.open(fileobj=io.BytesIO(zf.read("drawings.tar"))) as tar:  # the drawings, as sent
+            drawing = tar.extractfile(f"png/6/{ids[2]}.png")
+            assert drawing is not None and drawing.read()[:8] == b"\x89PNG\r\n\x1a\n"
     assert labels.tolist() == [3, 6]

@@ -16,6 +16,7 @@ from serving.management import (
     AsyncManagementClient,
     ManagementClient,
     ManagementError,
+    _new_version,
     is_ready,
     readiness_detail,
 )
@@ -250,3 +251,12 @@ async def test_the_async_client_has_the_same_behaviour() -> None:
             await client.describe("1.0")
     posts = [json.loads(json.dumps(dict(r.url.params))) for r in fake.requests if r.method == "POST"]
     assert posts[1]["url"] == "mnist-v2.mar" and posts[1]["max_batch_delay"] == "1"
+
+
+def test_a_named_registration_ignores_a_version_another_process_added_meanwhile() -> None:
+    # TorchServe (re)starting registers the shipped 1.0 while the trainer restores the live 2.0.
+    assert _new_version(set(), {"1.0", "2.0"}, "1.0", "mnist.mar") == "1.0"
+    with pytest.raises(ManagementError, match="cannot tell the new version"):
+        _new_version(set(), {"1.0", "2.0"}, None, "mnist.mar")
+    with pytest.raises(ManagementError, match=r"expected version 1\.0, registered 2\.0"):
+        _new_version(set(), {"2.0"}, "1.0", "mnist.mar")

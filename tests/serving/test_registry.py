@@ -21,12 +21,11 @@ import pytest
 from db.records import VersionNotFound
 from db.registry import Registry
 from serving.evaluate import mnist_examples
-from serving.management import AsyncManagementClient
+from serving.management import AsyncManagementClient, manifest_version
 from serving.registry import (
     SHIPPED_REASON,
     ArchiveMismatch,
     ModelRegistry,
-    manifest_version,
     next_version,
     sha256_of,
     worker_counts,

@@ -16,7 +16,8 @@ import pytest
 
 from serving.child import SupervisedProcess
 from serving.supervisor import Backoff
-from serving.trainer import RunOptions, _progress_message
+from serving.trainer import RunOptions, _progress_message, heartbeat_file, ready, synced_file
+from settings import Settings
 
 
 def test_run_options_split_retrain_fields_from_run_options():
@@ -137,3 +138,17 @@ def test_the_supervisor_runs_its_hook_after_every_start_and_survives_its_failure
         assert supervisor.restarts == 2  # the failing hook did not count as a failed start
     finally:
         supervisor.stop()
+
+
+def test_the_keep_live_sidecar_is_ready_once_its_torchserve_served_the_live_version(tmp_path: Path):
+    settings = Settings(run_dir=tmp_path / "run", data_dir=tmp_path / "data")
+    assert ready(settings) == (False, f"no heartbeat yet ({heartbeat_file(settings)})")
+    heartbeat_file(settings).parent.mkdir(parents=True)
+    heartbeat_file(settings).write_text("1\n")
+    ok, detail = ready(settings)
+    assert not ok and "does not serve the live version yet" in detail  # a new replica: no traffic yet
+    synced_file(settings).touch()
+    ok, detail = ready(settings)
+    assert ok and "serves the live version" in detail
+    stale = time.time() + 3 * settings.restore_interval_s + 60  # the loop stopped: not ready either
+    assert not ready(settings, now=stale)[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ import pytest
 from db.errors import DatabaseUnavailable
 from db.records import PredictionRow
 from db.stats import Stats, compute_stats
-from ui.feed import Feed, Snapshot
+from ui.feed import PUSH_SHARE, Feed, Snapshot
 
 
 @dataclass(eq=False)
@@ -208,3 +210,22 @@ async def test_no_history_query_when_no_page_has_drawings(source: Source) -> Non
     await eventually(lambda: bool(seen))
     assert source.reads == {"stats": 1} and seen[-1].recent == ()
     await feed.close()
+
+
+async def test_pushes_slow_down_when_they_cost_much(source: Source) -> None:
+    """Hundreds of tabs: the pause between pushes grows with what the last push cost (PUSH_SHARE)."""
+    feed = Feed(source, limit=10, interval_s=0.01)
+    loads: list[float] = []
+
+    def slow_page(snapshot: Snapshot) -> None:
+        loads.append(time.monotonic())
+        time.sleep(0.05)  # a page that takes 50 ms to render
+
+    feed.subscribe(slow_page, mine)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # a change every 10 ms
+        source.change()
+        await asyncio.sleep(0.01)
+    await feed.close()
+    gaps = [b - a for a, b in itertools.pairwise(loads)]
+    assert len(loads) >= 3 and min(gaps) >= 0.05 / PUSH_SHARE * 0.9, gaps
