@@ -201,20 +201,24 @@ def torchserve(tmp: Path) -> Iterator[ServeConfig]:
 
 
 @contextlib.contextmanager
-def ui_process(tmp: Path, database_url: str, ts: ServeConfig) -> Iterator[tuple[str, psutil.Process]]:
-    """`python -m ui` (what the UI image runs), ready; SIGTERM at the end."""
+def ui_process(
+    tmp: Path, database_url: str, ts: ServeConfig | None, *, ready: str = "/readyz", **extra: str
+) -> Iterator[tuple[str, psutil.Process]]:
+    """`python -m ui` (what the UI image runs) on TorchServe `ts` (None: no model server, then
+    wait for `/healthz`), answering 200 on `ready`; SIGTERM at the end. `extra`: more settings."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "NICEGUI_"))}
     env.update(
-        DATABASE_URL=database_url,
-        UI_PORT=str(port),
-        DATA_DIR=str(tmp / "data"),
-        RUN_DIR=str(tmp / "run"),
-        INFERENCE_URL=ts.inference_url,
-        MANAGEMENT_URL=ts.management_url,
-        METRICS_URL=ts.metrics_url,
-        TORCHSERVE_KEY_FILE=str(ts.key_file),
+        DATABASE_URL=database_url, UI_PORT=str(port), DATA_DIR=str(tmp / "data"), RUN_DIR=str(tmp / "run")
     )
+    if ts is not None:
+        env.update(
+            INFERENCE_URL=ts.inference_url,
+            MANAGEMENT_URL=ts.management_url,
+            METRICS_URL=ts.metrics_url,
+            TORCHSERVE_KEY_FILE=str(ts.key_file),
+        )
+    env.update(extra)
     log = tmp / "ui.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -227,7 +231,7 @@ def ui_process(tmp: Path, database_url: str, ts: ServeConfig) -> Iterator[tuple[
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the UI did not become ready:\n{log.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{ready}", timeout=2).status_code == 200:
                     break
             time.sleep(0.3)
         yield url, psutil.Process(process.pid)

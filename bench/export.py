@@ -13,12 +13,8 @@ model server is needed (nothing is predicted).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,9 +30,9 @@ from PIL import Image, ImageDraw
 # The repository root first: this file's own folder would otherwise shadow the `db` package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.capacity import ui_process
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
-from serving.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_GROWTH_MB = 20
@@ -72,43 +68,6 @@ def fill(url: str, rows: int) -> None:
             "SELECT id, %s, %s FROM predictions",
             (png, bytes(range(196)) * 4),
         )
-
-
-@contextlib.contextmanager
-def ui_process(tmp: Path, database_url: str) -> Iterator[tuple[str, psutil.Process]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "NICEGUI_"))}
-    env.update(
-        DATABASE_URL=database_url,
-        UI_PORT=str(port),
-        DATA_DIR=str(tmp / "data"),
-        RUN_DIR=str(tmp / "run"),
-        ADMIN_TOKEN=ADMIN_TOKEN,
-        INFERENCE_URL="http://127.0.0.1:9",  # nothing is predicted
-        MANAGEMENT_URL="http://127.0.0.1:9",
-    )
-    log = tmp / "ui.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ui"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the UI did not start:\n{log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.3)
-        yield url, psutil.Process(process.pid)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def peak_rss_during(process: psutil.Process, work: Callable[[], None]) -> tuple[float, float, float]:
@@ -181,7 +140,11 @@ def main() -> None:
             t0 = time.perf_counter()
             fill(db_url, args.rows)
             print(f"{args.rows:,} labelled drawings stored in {time.perf_counter() - t0:.1f} s")
-            with ui_process(tmp, db_url) as (url, process):
+            model = {"INFERENCE_URL": "http://127.0.0.1:9", "MANAGEMENT_URL": "http://127.0.0.1:9"}  # unused
+            with ui_process(tmp, db_url, None, ready="/healthz", ADMIN_TOKEN=ADMIN_TOKEN, **model) as (
+                url,
+                process,
+            ):
                 cases = [
                     (f"{args.exports} concurrent exports (first)", exports(url, args.exports)),
                     (f"{args.exports} concurrent exports (again)", exports(url, args.exports)),

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -48,6 +47,7 @@ from serving.ports import free_ports  # noqa: E402
 from serving.registry import ModelRegistry, sha256_of  # noqa: E402
 from serving.torchserve import ServeConfig, seed_store, shipped_archive, start, stop  # noqa: E402
 from settings import Settings  # noqa: E402
+from tests.fixtures.torchserve import copy_as_version  # noqa: E402
 from training import styles  # noqa: E402
 
 
@@ -104,19 +104,6 @@ class Load:
             with self._lock:
                 self.answers.append(Answer(sent, time.monotonic(), response.status, version))
         conn.close()
-
-
-def copy_as_version(store: Path, version: str) -> str:
-    name = f"mnist-{version}.mar"
-    with zipfile.ZipFile(store / "mnist.mar") as zin, zipfile.ZipFile(store / name, "w") as zout:
-        for info in zin.infolist():
-            data = zin.read(info)
-            if info.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            zout.writestr(info, data)
-    return name
 
 
 @dataclasses.dataclass

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,6 +357,14 @@ def wait_api(
         _wait_until(config, client.alive, timeout, pid, what, cancel)
 
 
+def archive_version(mar: Path) -> str | None:
+    """The archive's version, or None when it cannot be read (TorchServe then says what is wrong)."""
+    try:
+        return manifest_version(mar)
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError):
+        return None
+
+
 def register(config: ServeConfig, timeout: float = START_TIMEOUT_S) -> str:
     """Register `<model_store>/<model_name>.mar` with the configured workers and batching; its version.
 
@@ -366,7 +375,7 @@ def register(config: ServeConfig, timeout: float = START_TIMEOUT_S) -> str:
             return client.register(
                 config.mar_file.name,
                 # Named: the trainer may register the live version beside it at the same moment.
-                version=manifest_version(config.mar_file),
+                version=archive_version(config.mar_file),
                 workers=config.workers,
                 batch_size=config.batch_size,
                 max_batch_delay_ms=config.max_batch_delay_ms,

@@ -8,7 +8,6 @@ with another version in its manifest: the registry does not care what the weight
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +30,7 @@ from serving.registry import (
     worker_counts,
 )
 from serving.torchserve import ServeConfig, ServeError, start, stop
-from tests.fixtures.torchserve import session_config
+from tests.fixtures.torchserve import copy_as_version, session_config
 
 MODEL_START_S = 300.0
 
@@ -56,20 +55,6 @@ def test_worker_counts_by_version():
 
 
 # --- with TorchServe and PostgreSQL ----------------------------------------------------------------
-
-
-def copy_as_version(store: Path, version: str) -> str:
-    """The shipped archive with `version` in its manifest, as `mnist-<version>.mar` in the store."""
-    name = f"mnist-{version}.mar"
-    with zipfile.ZipFile(store / "mnist.mar") as zin, zipfile.ZipFile(store / name, "w") as zout:
-        for info in zin.infolist():
-            data = zin.read(info)
-            if info.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            zout.writestr(info, data)
-    return name
 
 
 @pytest.fixture(scope="module")

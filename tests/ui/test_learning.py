@@ -6,8 +6,6 @@ on the app `create_app` builds with the loop it opens itself on that database.""
 from __future__ import annotations
 
 import ast
-import json
-import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from db.store import Store
 from serving.management import AsyncManagementClient
 from serving.registry import ModelRegistry, sha256_of
 from tests.db.samples import prediction
-from tests.fixtures.torchserve import TorchServeInstance
+from tests.fixtures.torchserve import TorchServeInstance, copy_as_version
 from tests.ui.learning_fakes import TOKEN, simulate_admin
 from ui.admin_views import accuracy_chart, promote_label
 from ui.learning import (
@@ -113,20 +111,6 @@ async def _closed() -> None:
 # ------------------------------------------------------------------------ the real parts
 
 
-def copy_as_version(store: Path, version: str) -> str:
-    """The shipped archive with `version` in its manifest (what TorchServe registers it as)."""
-    name = f"mnist-admin-{version}.mar"
-    with zipfile.ZipFile(store / "mnist.mar") as zin, zipfile.ZipFile(store / name, "w") as zout:
-        for info in zin.infolist():
-            data = zin.read(info)
-            if info.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            zout.writestr(info, data)
-    return name
-
-
 @dataclass
 class Loop:
     service: LearningService
@@ -144,7 +128,7 @@ async def reset_torchserve(client: AsyncManagementClient) -> None:
 
 
 async def add_candidate(registry: Registry, store: Path, version: str = "2.0") -> None:
-    name = copy_as_version(store, version)
+    name = copy_as_version(store, version, prefix="mnist-admin")
     await registry.add_version(
         version,
         name,
