@@ -18,7 +18,6 @@ gate's 0.1-point tolerance).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import subprocess
@@ -39,10 +38,10 @@ from db.store import Store
 from serving.evaluate import mnist_examples, summarise
 from serving.management import AsyncManagementClient
 from serving.registry import ModelRegistry
-from serving.torchserve import ServeConfig, ServeError, start, stop
+from serving.torchserve import ServeConfig, start, stop
 from serving.trainer import STOPPED_MESSAGE
 from tests.fixtures.postgres import TEMPLATE, PostgresServer
-from tests.fixtures.torchserve import session_config
+from tests.fixtures.torchserve import own_torchserve
 from training import styles
 from training.feedback import is_holdout
 
@@ -70,15 +69,8 @@ LONG = {"epochs": 8, "mnist_samples": 60000, "threads": 1, "mnist_eval_limit": M
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeConfig]:
     """This module's own TorchServe (one worker per version): its versions change and it restarts."""
-    config = dataclasses.replace(session_config(tmp_path_factory.mktemp("loop")), workers=1)
-    try:
-        start(config, timeout=START_S)
-    except ServeError as exc:
-        pytest.fail(f"TorchServe did not start: {exc}")
-    try:
+    with own_torchserve(tmp_path_factory.mktemp("loop"), START_S) as config:
         yield config
-    finally:
-        stop(config)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ with another version in its manifest: the registry does not care what the weight
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -29,8 +28,8 @@ from serving.registry import (
     sha256_of,
     worker_counts,
 )
-from serving.torchserve import ServeConfig, ServeError, start, stop
-from tests.fixtures.torchserve import copy_as_version, session_config
+from serving.torchserve import ServeConfig, start, stop
+from tests.fixtures.torchserve import own_torchserve
 
 MODEL_START_S = 300.0
 
@@ -65,17 +64,10 @@ def digit(mnist_dir: Path) -> tuple[bytes, int]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeConfig]:
     """A TorchServe of this module's own, one worker, with versions 2.0 and 3.0 in its store."""
-    config = dataclasses.replace(session_config(tmp_path_factory.mktemp("registry")), workers=1)
-    for version in ("2.0", "3.0"):
-        copy_as_version(config.model_store, version)
-    try:
-        start(config, timeout=MODEL_START_S)
-    except ServeError as exc:
-        pytest.fail(f"TorchServe did not start: {exc}")
-    try:
+    with own_torchserve(
+        tmp_path_factory.mktemp("registry"), MODEL_START_S, versions=("2.0", "3.0")
+    ) as config:
         yield config
-    finally:
-        stop(config)
 
 
 @pytest.fixture
