@@ -1,7 +1,8 @@
-"""Run a coroutine so that cancelling the caller cannot interrupt it half-way.
+"""Run a coroutine so that cancelling the caller cannot interrupt it half-way; `Handover` uses it.
 
-The store takes and gives back pool connections this way: a cancellation landing inside
-psycopg_pool's `getconn()` or `putconn()` can lose the connection (see `db/store.py`). A task of
+The store and the registry take and give back pool connections this way (`Handover`): a
+cancellation landing inside psycopg_pool's `getconn()` or `putconn()` can lose the connection
+(psycopg issues #1208, #1275, #1345; NiceGUI cancels page builds that time out). A task of
 its own would do, but costs a task and two turns of the event loop on every call; most pool
 operations finish without ever waiting (an idle connection, a free lock), so the first step runs
 at once, in the caller, where no cancellation can land, and only a coroutine that really has to
@@ -11,11 +12,17 @@ wait continues in a task, as `asyncio.eager_task_factory` (Python 3.12) would st
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def detach(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
@@ -62,3 +69,50 @@ def _resume(coro: Coroutine[Any, Any, T], pending: Any) -> Generator[Any, Any, T
             except StopIteration as stop:
                 value: T = stop.value
                 return value
+
+
+class Handover:
+    """Takes connections from a pool and gives them back so that no cancellation loses one.
+
+    `take()` may be given the coroutine that takes one (the store's, which also times the wait);
+    by default the pool's `getconn()`. `settle()` waits for what is still under way (at close).
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+        self._background: set[asyncio.Future[Any]] = set()  # connections being taken or given back
+
+    async def take(
+        self, taking: Callable[[], Coroutine[Any, Any, AsyncConnection[Any]]] | None = None
+    ) -> AsyncConnection[Any]:
+        """A connection; if the caller is cancelled while the pool hands one over, it goes back once taken."""
+        future = self._detach((taking or self.pool.getconn)())
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._give_back_taken)
+            raise
+
+    async def give_back(self, conn: AsyncConnection[Any]) -> None:
+        """`putconn`: the connection is back in the pool even if the caller is cancelled meanwhile."""
+        await asyncio.shield(self._detach(self.pool.putconn(conn)))
+
+    async def settle(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _give_back_taken(self, taking: asyncio.Future[AsyncConnection[Any]]) -> None:
+        if not taking.cancelled() and taking.exception() is None:
+            self._detach(self.pool.putconn(taking.result()))
+
+    def _detach(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        future = detach(coro)
+        if not future.done():  # a task: the loop keeps only a weak reference to it
+            self._background.add(future)
+            future.add_done_callback(self._done_in_background)
+        return future
+
+    def _done_in_background(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        exc = None if future.cancelled() else future.exception()  # retrieved: no "never retrieved" noise
+        if exc is not None and not isinstance(exc, psycopg.Error):  # database errors reach the caller
+            log.warning("taking or giving back a connection failed: %r", exc)

@@ -13,7 +13,6 @@ why: db/README.md "Cancellation and the pool"): the admin page runs these calls 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
@@ -25,7 +24,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from db.detach import detach
+from db.detach import Handover
 from db.errors import DatabaseUnavailable, PredictionNotFound, StoreError
 from db.records import (
     Disagreement,
@@ -165,7 +164,7 @@ class Registry:
     def __init__(self, pool: AsyncConnectionPool[Any], *, owns_pool: bool = False) -> None:
         self._pool = pool
         self._owns_pool = owns_pool
-        self._background: set[asyncio.Future[Any]] = set()
+        self._handover = Handover(pool)
 
     @classmethod
     async def open(
@@ -195,7 +194,7 @@ class Registry:
         return cls(pool, owns_pool=True)
 
     async def close(self) -> None:
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._handover.settle()
         if self._owns_pool:
             await self._pool.close()
 
@@ -210,41 +209,16 @@ class Registry:
     async def _transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
         """A pooled connection inside a transaction; connection failures become DatabaseUnavailable."""
         try:
-            conn = await self._checkout()
+            conn = await self._handover.take()
             try:
                 async with conn.transaction():
                     yield conn
             finally:
-                await asyncio.shield(self._detach(self._pool.putconn(conn)))
+                await self._handover.give_back(conn)
         except psycopg.OperationalError as exc:  # includes PoolTimeout
             raise DatabaseUnavailable(str(exc).strip().splitlines()[0] if str(exc) else repr(exc)) from exc
         except psycopg.Error as exc:  # e.g. the schema is missing: migrations not applied
             raise StoreError(f"database error: {exc.diag.message_primary or exc}") from exc
-
-    async def _checkout(self) -> AsyncConnection[Any]:
-        taking = self._detach(self._pool.getconn())
-        try:
-            return await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            taking.add_done_callback(self._give_back)
-            raise
-
-    def _give_back(self, taking: asyncio.Future[AsyncConnection[Any]]) -> None:
-        if not taking.cancelled() and taking.exception() is None:
-            self._detach(self._pool.putconn(taking.result()))
-
-    def _detach(self, coro: Any) -> asyncio.Future[Any]:
-        future = detach(coro)
-        if not future.done():
-            self._background.add(future)
-            future.add_done_callback(self._done_in_background)
-        return future
-
-    def _done_in_background(self, future: asyncio.Future[Any]) -> None:
-        self._background.discard(future)
-        exc = None if future.cancelled() else future.exception()
-        if exc is not None and not isinstance(exc, psycopg.Error):
-            log.warning("taking or giving back a connection failed: %r", exc)
 
     async def _one(self, query: str, params: Any = None) -> tuple[Any, ...] | None:
         async with self._transaction() as conn:

@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from db.detach import detach
+from db.detach import Handover
 from db.errors import (
     DatabaseUnavailable,
     Forbidden,
@@ -252,7 +252,7 @@ class Store:
         self._wait_starts: dict[int, float] = {}
         self._tickets = itertools.count()
         self._starved_since: float | None = None
-        self._background: set[asyncio.Future[Any]] = set()  # connections being taken or given back
+        self._handover = Handover(pool)
 
     @classmethod
     async def open(
@@ -292,7 +292,7 @@ class Store:
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await self._writer
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._handover.settle()
         await self._pool.close()
 
     async def __aenter__(self) -> Store:
@@ -308,48 +308,16 @@ class Store:
         try:
             if self._suspect_down:
                 await self._probe()
-            conn = await self._checkout()
+            conn = await self._handover.take(self._acquire)
             try:
                 yield conn
             finally:
-                await self._checkin(conn)
+                await self._handover.give_back(conn)
         except psycopg.OperationalError as exc:  # includes PoolTimeout
             self._suspect_down = True
             raise DatabaseUnavailable(_short(exc)) from exc
         except psycopg.Error as exc:  # e.g. the schema is missing: migrations not applied
             raise StoreError(f"database error: {exc.diag.message_primary or exc}") from exc
-
-    async def _checkout(self) -> AsyncConnection[Any]:
-        """`_acquire`, shielded from the caller's cancellation (`db.detach`): if the caller is
-        cancelled while the pool is handing over a connection, the connection goes back once taken."""
-        taking = self._detach(self._acquire())
-        try:
-            return await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            taking.add_done_callback(self._give_back)
-            raise
-
-    def _give_back(self, taking: asyncio.Future[AsyncConnection[Any]]) -> None:
-        if not taking.cancelled() and taking.exception() is None:
-            self._detach(self._pool.putconn(taking.result()))
-
-    async def _checkin(self, conn: AsyncConnection[Any]) -> None:
-        """`putconn`, shielded from the caller's cancellation: the connection is back in the pool even
-        if the caller is cancelled meanwhile."""
-        await asyncio.shield(self._detach(self._pool.putconn(conn)))
-
-    def _detach(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-        future = detach(coro)
-        if not future.done():  # a task: the loop keeps only a weak reference to it
-            self._background.add(future)
-            future.add_done_callback(self._done_in_background)
-        return future
-
-    def _done_in_background(self, future: asyncio.Future[Any]) -> None:
-        self._background.discard(future)
-        exc = None if future.cancelled() else future.exception()  # retrieved: no "never retrieved" noise
-        if exc is not None and not isinstance(exc, psycopg.Error):  # database errors reach the caller
-            log.warning("taking or giving back a connection failed: %r", exc)
 
     async def _acquire(self) -> AsyncConnection[Any]:
         """A live connection from the pool; records how long callers wait, for pool_health()."""

@@ -41,6 +41,9 @@ from .service import PredictionService, PredictionStore, Quota
 
 TITLE = APP_TITLE
 SUMMARY = "Draw a digit, get the model's answer, correct it."
+# The page keeps nothing in NiceGUI's per-tab storage, yet NiceGUI makes one for every tab that
+# connects and keeps it 30 days by default: a closed tab's is dropped after this instead.
+TAB_STORAGE_AGE_S = 600.0
 # `ui.run` options shared by the server and the tests' simulated user.
 UI_OPTIONS: dict[str, Any] = {
     "title": TITLE,
@@ -235,6 +238,7 @@ def serve(
     # whatever folder the server was started from; NICEGUI_STORAGE_PATH still wins when set.
     if "NICEGUI_STORAGE_PATH" not in os.environ:
         Storage.path = (settings.data_dir / "nicegui").resolve()
+    app.storage.max_tab_storage_age = TAB_STORAGE_AGE_S
     ui.run_with(
         api_app,
         title=TITLE,

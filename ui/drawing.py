@@ -13,6 +13,7 @@ from nicegui.events import UploadEventArguments, ValueChangeEventArguments
 
 from .canvas import ChangeHandler, DigitCanvas
 from .frame import tag
+from .upload import PageUpload
 
 KEYS_HINT = (
     "Keys: Enter predicts. Then one key saves the label and clears for the next drawing: "
@@ -50,7 +51,7 @@ class DrawingPanel:
                 "outline dense no-caps no-wrap"
             )
             self.upload = tag(
-                ui.upload(
+                PageUpload(
                     on_upload=lambda e: self._uploaded(e, on_upload),
                     auto_upload=True,
                     max_file_size=max_upload_bytes,

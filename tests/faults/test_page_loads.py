@@ -25,6 +25,7 @@ from collections import Counter
 
 import aiohttp
 import httpx
+import psutil
 import pytest
 import socketio  # type: ignore[import-untyped]  # python-socketio ships no type information
 
@@ -158,10 +159,12 @@ def test_page_loads_given_up_under_cpu_pressure_leave_the_pool_whole(shared: Sta
         tally = reconcile(f"POSTs during page loads, round {run + 1}", answers, rows)
         assert not tally.problems(), tally.summary()
         gave_up_server = len(GAVE_UP.findall(stack.output()))
+        resident_mb = psutil.Process(stack.pid).memory_info().rss / 1e6  # `make run`: the UI is in it
         print(
             f"\nFAULTS page loads round {run + 1}/{rounds} ({took:.0f} s): {dict(outcomes)}; pool whole "
             f"{settle_s:.1f} s after ({ready['pool']['detail']}); NiceGUI gave up on {gave_up_server} "
-            f"page builds so far; a POST after it stored row {answers[-1].body['id']}\n"
+            f"page builds so far; a POST after it stored row {answers[-1].body['id']}; the app's "
+            f"resident memory {resident_mb:.0f} MB\n"
             f"FAULTS {tally.summary()}",
             flush=True,
         )
