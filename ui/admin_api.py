@@ -8,12 +8,13 @@ protocol; when it cannot run (no database, registry or management API), 503 in w
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at definition time.
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Security
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from db.errors import DatabaseUnavailable
 
@@ -99,7 +100,7 @@ class JobAccepted(BaseModel):
 
 
 class JobOut(BaseModel):
-    job_id: int
+    job_id: int = Field(validation_alias=AliasChoices("job_id", "id"))  # a `RunView`'s `id`
     status: str = Field(description=" / ".join(RUN_STATUSES))
     progress: float = Field(description="0..1")
     message: str
@@ -143,46 +144,15 @@ class ExcludedOut(BaseModel):
 
 
 def model_out(v: VersionView) -> ModelOut:
-    return ModelOut(
-        version=v.version,
-        live=v.live,
-        state=v.state,
-        workers=v.workers,
-        metrics=v.metrics,
-        reason=v.reason,
-        created_at=v.created_at,
-        parent_version=v.parent_version,
-        feedback_count=v.feedback_count,
-    )
+    return ModelOut.model_validate(v, from_attributes=True)
 
 
 def job_out(run: RunView) -> JobOut:
-    return JobOut(
-        job_id=run.id,
-        status=run.status,
-        progress=run.progress,
-        message=run.message,
-        version=run.version,
-        promoted=run.promoted,
-        history=run.history,
-        options=run.options,
-        created_at=run.created_at,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-    )
+    return JobOut.model_validate(run, from_attributes=True)
 
 
 def review_out(item: ReviewItem, image_url: str) -> ReviewOut:
-    return ReviewOut(
-        id=item.id,
-        created_at=item.created_at,
-        label=item.label,
-        digit=item.digit,
-        confidence=item.confidence,
-        model_version=item.model_version,
-        excluded=item.excluded,
-        image_url=image_url,
-    )
+    return ReviewOut.model_validate({**asdict(item), "image_url": image_url})
 
 
 async def answer(loop: LearningSlot, call: Callable[[Learning], Awaitable[T]]) -> T:
