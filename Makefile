@@ -76,6 +76,7 @@ model: install
 	$(BIN)/python -m training.train --data-dir $(MNIST_DIR)
 	$(BIN)/python -m training.calibrate --data-dir $(MNIST_DIR)
 	$(BIN)/python -m training.digitness --data-dir $(MNIST_DIR)
+	$(BIN)/python -m training.handwritten
 	$(BIN)/python -m training.export
 
 bench: install

@@ -579,8 +579,9 @@ def report(out: dict[str, Any], load: tuple[float, float, float]) -> None:
     print(
         f"  {out['tabs']} tabs: {before:.1f} -> {first:.1f} MB "
         f"({1024 * (first - before) / out['tabs']:.0f} KB per tab); after they closed "
-        f"{last('idle after')} MB; opened again: peak {again} MB (the first tabs' memory reused: "
-        f"{again <= first + 5}); at the end {last('idle at the end')} MB"
+        f"{last('idle after')} MB; opened again: peak {again} MB, {again - first:+.1f} MB (the first "
+        f"tabs' memory reused, the second round adding under a tenth of the first's: "
+        f"{again - first <= 0.1 * (first - before)}); at the end {last('idle at the end')} MB"
     )
     print(f"non-2xx answers: {out['non_2xx']} (target 0); all statuses {out['statuses']}")
     print(f"processes left behind: {len(out['left_behind'])} {out['left_behind'] or ''}")

@@ -38,6 +38,7 @@ def render(card: dict[str, Any]) -> str:
         "| --- | --- |",
         f"| test accuracy (official MNIST test set) | **{test['accuracy'] * 100:.2f}%** "
         f"({test['errors']} errors in {test['images']:,} images) |",
+        *card_sections.handwritten_rows(card),
         f"| training images | {t['train_images']:,} |",
         f"| epochs, batch size | {t['epochs']}, {t['batch_size']} |",
         f"| optimiser | SGD Nesterov, {t['schedule']} schedule, peak lr {t['max_lr']}, "
@@ -62,6 +63,7 @@ def render(card: dict[str, Any]) -> str:
         f"**Augmentation.** {t['augment']} — {t['augment_config']}",
         "",
     ]
+    lines += card_sections.handwritten_lines(card)
     lines += card_sections.calibration_lines(card) + card_sections.digitness_lines(card)
     lines += [
         "Plots: `confusion_matrix.png`, `worst_classified.png`, `reliability.png`; "

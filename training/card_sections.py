@@ -1,7 +1,8 @@
-"""Model card sections for the calibration and the "not a digit" head (Markdown lines, no torch).
+"""Model card sections for the calibration, the "not a digit" head and real handwriting (Markdown, no torch).
 
 `training/card.py` renders the card; these are the parts about `card["calibration"]` (written by
-training/calibrate.py) and `card["digitness"]` (training/digitness.py), empty when absent.
+training/calibrate.py), `card["digitness"]` (training/digitness.py) and `card["handwritten"]`
+(training/handwritten.py), empty when absent.
 """
 
 from __future__ import annotations
@@ -55,3 +56,47 @@ def digitness_lines(card: dict[str, Any]) -> list[str]:
         f"{_pct(f['canvas_rendition_digits_rejected'])} of {f['canvas_rendition_digits']:,}",
         "",
     ]
+
+
+STYLE_NAMES = {
+    "seven_crossbar": "7 with a crossbar",
+    "one_flag_base": "1 with a flag and a base",
+    "one_flag": "1 with a long flag",
+    "four_open": "open 4",
+}
+
+
+def handwritten_rows(card: dict[str, Any]) -> list[str]:
+    """The table row beside the MNIST test accuracy: real handwritten digits that are not MNIST."""
+    hw = card.get("handwritten")
+    if not hw:
+        return []
+    o = hw["optdigits"]
+    return [
+        f"| real handwritten digits, not MNIST ({o['name']}, {o['images']:,}) | **{_pct(o['accuracy'])}** "
+        f"({o['errors']} errors; {o['writers']} writers, never trained on) |"
+    ]
+
+
+def handwritten_lines(card: dict[str, Any]) -> list[str]:
+    """Where the handwritten set comes from, how it is drawn, and the drawn styles' accuracy."""
+    hw = card.get("handwritten")
+    if not hw:
+        return []
+    o = hw["optdigits"]
+    per_class = ", ".join(f"{d}: {_pct(a)}" for d, a in enumerate(o["per_class"]) if a is not None)
+    lines = [
+        f"**Real handwritten digits, not MNIST.** {o['name']} ({o['images']:,} digits by {o['writers']} "
+        f"writers; {o['licence']}; `{o['source']}`, sha256 `{o['sha256'][:12]}…`), kept out of training: "
+        f"{o['rendering']}. Accuracy **{_pct(o['accuracy'])}**, calibrated ECE {_pct(o['ece'])} "
+        f"(T = {hw['temperature']:.4f}). Per digit: {per_class}.",
+        "",
+    ]
+    if hw["styles"]:
+        lines += [f"Drawn styles (`training/styles.py`, seed {hw['styles_seed']}, through the handler):", ""]
+        lines += [
+            f"- {STYLE_NAMES.get(name, name)} (`{name}`): {_pct(s['accuracy'])} of {s['images']:,}"
+            for name, s in hw["styles"].items()
+        ]
+        lines.append("")
+    return lines

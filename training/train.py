@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from handlers.preprocess import MNIST_MEAN, MNIST_STD, normalize
 from training import card, evaluate
-from training.augment import AugmentConfig, augment
+from training.augment import PRESETS, AugmentConfig, augment
 from training.data import FILES, Mnist, MnistDataError, load_mnist, sha256_of
 from training.model import Net
 
@@ -328,6 +328,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=int, default=0, help="keep the last N of those out, report accuracy")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument(
+        "--augment-preset",
+        choices=sorted(PRESETS),
+        default="mnist",
+        help="mnist: the shipped weights' augmentation; pen: + slant, small digits, elastic, nib, flat ink",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help=f"{DRY_RUN_BATCHES} batches and a small test slice; output to {DRY_RUN_OUTPUT_DIR} by default",
@@ -351,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         augment=not args.no_augment,
         dry_run=args.dry_run,
         device=args.device,
+        augment_config=PRESETS[args.augment_preset],
     )
     output_dir = args.output_dir or (DRY_RUN_OUTPUT_DIR if args.dry_run else DEFAULT_OUTPUT_DIR)
     try:
