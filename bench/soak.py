@@ -56,7 +56,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ui import mnist_pngs, throughput  # noqa: E402
+from bench.ui import cpu_seconds, mnist_pngs, throughput  # noqa: E402
 from db.embedded import url_for  # noqa: E402
 from tests.ui.live import free_port, run_app  # noqa: E402
 
@@ -272,21 +272,6 @@ def ui_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """CPU seconds of the UI process and of its children (TorchServe, PostgreSQL) so far."""
-    ui = psutil.Process(pid)
-
-    def total(processes: list[psutil.Process]) -> float:
-        out = 0.0
-        for proc in processes:
-            with contextlib.suppress(psutil.Error):
-                times = proc.cpu_times()
-                out += times.user + times.system
-        return out
-
-    return total([ui]), total(ui.children(recursive=True))
-
-
 def non_2xx(statuses: dict[int, int]) -> int:
     return sum(n for status, n in statuses.items() if not 200 <= status < 300)
 
@@ -351,10 +336,10 @@ def load_phase(
     name: str, url: str, pid: int, args: argparse.Namespace, sampler: Sampler, tabs: PageClients | None
 ) -> Phase:
     sampler.phase = name
-    ui0, children0 = cpu_times(pid)
+    ui0, children0 = cpu_seconds(pid)
     tabs0 = tabs.cpu_s() if tabs else 0.0
     figures = throughput(url, "/api/predictions", args.clients, args.seconds, pid)
-    ui1, children1 = cpu_times(pid)
+    ui1, children1 = cpu_seconds(pid)
     tabs1 = tabs.cpu_s() if tabs else 0.0
     return Phase(name, figures, ui1 - ui0, children1 - children0, tabs1 - tabs0)
 
