@@ -43,6 +43,9 @@ class AugmentConfig:
     nib_px: tuple[float, float] = (0.5, 1.0)  # half the nib's width, px
     flat_p: float = 0.0  # share of images given a canvas brush's flat ink
     flat_ramp: tuple[float, float] = (0.3, 0.6)  # blurred ink below lo -> none, above hi -> full
+    # Share of images given the pen transforms above (slant, small, elastic, nib, flat ink) at all;
+    # the others get only the base warp and stroke width, as the `mnist` preset draws them.
+    pen_share: float = 1.0
 
 
 # `pen`: canvas and pen strokes: slanted, small and bent digits, flat nibs, flat ink.
@@ -54,6 +57,14 @@ PRESETS: dict[str, AugmentConfig] = {
         elastic_p=0.5,
         nib_p=0.25,
         flat_p=0.3,
+    ),
+    "pen-half": AugmentConfig(
+        slant_deg=(-3.0, 8.0),
+        small_p=0.15,
+        elastic_p=0.5,
+        nib_p=0.25,
+        flat_p=0.3,
+        pen_share=0.5,
     ),
 }
 
@@ -188,6 +199,23 @@ def augment(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig | None = N
     Transforms whose share is 0 are skipped and draw no random numbers.
     """
     cfg = cfg or AugmentConfig()
+    if cfg.pen_share < 1.0:
+        pen = torch.rand(x.shape[0], generator=gen) < cfg.pen_share
+        out = torch.empty_like(x)
+        out[pen] = _augment(x[pen], gen, replace(cfg, pen_share=1.0))
+        out[~pen] = _augment(x[~pen], gen, base_of(cfg))
+        return out
+    return _augment(x, gen, cfg)
+
+
+def base_of(cfg: AugmentConfig) -> AugmentConfig:
+    """`cfg` without the pen transforms: the base warp and stroke width only."""
+    return replace(
+        cfg, slant_deg=(0.0, 0.0), small_p=0.0, elastic_p=0.0, nib_p=0.0, flat_p=0.0, pen_share=1.0
+    )
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
     x = warp(x, cfg, gen)
     if cfg.nib_p > 0:
         x = nib(x, cfg, gen)

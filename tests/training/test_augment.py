@@ -148,3 +148,14 @@ def test_flat_ink_makes_soft_ink_solid() -> None:
     assert float(out.max()) == 1.0 and float(soft.max()) < 0.71
     grey = ((out > 0.05) & (out < 0.95)).sum() / (out > 0.05).sum()
     assert float(grey) < 0.6  # mostly full ink, a thin soft edge
+
+
+def test_pen_share_leaves_the_other_images_to_the_base_transforms() -> None:
+    soft = torch.zeros(64, 1, 28, 28)
+    soft[:, :, 6:22, 13:15] = 0.7  # MNIST-like grey ink: flat ink would make it 1.0
+    cfg = replace(IDENTITY, flat_p=1.0, pen_share=0.5)
+    out = augment(soft, torch.Generator().manual_seed(0), cfg)
+    penned = out.amax(dim=(1, 2, 3)) == 1.0
+    assert 16 <= int(penned.sum()) <= 48  # about half
+    torch.testing.assert_close(out[~penned], soft[~penned])  # the rest: the base (here the identity)
+    torch.testing.assert_close(out, augment(soft, torch.Generator().manual_seed(0), cfg))
