@@ -6,7 +6,8 @@
 Starts its own TorchServe (config.properties, model_store/mnist.mar, free ports, a temp run
 folder) and measures, with a 280x280 canvas PNG (what the page sends):
 
-- sequential latency p50/p95 (one client, keep-alive), and the handler's own time split per
+- sequential latency p50/p95 (one client, keep-alive; a TorchServe request and an in-process
+  one in turn, so their ratio is measured under the same load), and the handler's own time split per
   request (decode, preprocess, model: its `Server-Timing` header) beside the same split in-process;
 - the model's forward time per image on one thread: eager torch, the fused torch model and the
   runtime the handler serves with (ONNX Runtime when installed);
@@ -104,22 +105,33 @@ def timing_parts(header: str) -> dict[str, float]:
 SPLIT = ("decode", "preprocess", "model")
 
 
-def sequential_latency(url: str, body: bytes, count: int) -> tuple[list[float], dict[str, list[float]]]:
-    """Milliseconds per request, one after the other, and the handler's split of each."""
+def sequential_latency(
+    url: str, floor: Floor, body: bytes, count: int
+) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """Milliseconds per request through TorchServe and in-process, one of each in turn.
+
+    Interleaved, both see the same state of the machine (its other load, its clock), so their
+    ratio does not move with whatever ran during one block and not the other. Returns both
+    latencies and the handler's split of each TorchServe request.
+    """
     client = Client(url)
     for _ in range(WARM_UP):
         client.post(body)
-    times = []
+        floor.predict([body])
+    served, local = [], []
     split: dict[str, list[float]] = {name: [] for name in SPLIT}
     for _ in range(count):
         t0 = time.perf_counter()
         status, _, timing = client.post_timed(body)
-        times.append((time.perf_counter() - t0) * 1000)
+        t1 = time.perf_counter()
+        floor.predict([body])
+        local.append((time.perf_counter() - t1) * 1000)
+        served.append((t1 - t0) * 1000)
         assert status == 200, status
         for name, value in timing_parts(timing).items():
             split.setdefault(name, []).append(value)
     client.close()
-    return times, split
+    return served, local, split
 
 
 def throughput(url: str, body: bytes, clients: int, seconds: float) -> tuple[float, int]:
@@ -228,6 +240,7 @@ class Floor:
         return out
 
     def latency(self, body: bytes, count: int) -> list[float]:
+        """Milliseconds per request in this process alone (warm caches: nothing runs in between)."""
         for _ in range(20):
             self.predict([body])
         times = []
@@ -286,12 +299,15 @@ def accuracy(url: str, bodies: list[bytes], labels: np.ndarray) -> tuple[float, 
 
 def report_latency_and_throughput(url: str, floor: Floor, body: bytes, requests: int, seconds: float) -> None:
     throughput(url, body, 8, seconds)  # warm-up: the Java frontend's JIT, every netty and worker thread
-    ts_lat, ts_split = sequential_latency(url, body, requests)
-    fl_lat = floor.latency(body, requests)
-    print("\nsequential latency (ms)      p50     p95")
+    ts_lat, fl_lat, ts_split = sequential_latency(url, floor, body, requests)
+    print("\nsequential latency (ms)      p50     p95   (one request of each in turn)")
     print(f"  TorchServe             {percentile(ts_lat, 50):7.2f} {percentile(ts_lat, 95):7.2f}")
     print(f"  in-process floor       {percentile(fl_lat, 50):7.2f} {percentile(fl_lat, 95):7.2f}")
     print(f"  ratio                  {percentile(ts_lat, 50) / percentile(fl_lat, 50):7.2f}")
+    alone = floor.latency(body, requests)
+    alone_p50, alone_p95 = percentile(alone, 50), percentile(alone, 95)
+    print(f"  in-process, alone      {alone_p50:7.2f} {alone_p95:7.2f}   (a block of its own)")
+    print(f"  ratio to that          {percentile(ts_lat, 50) / alone_p50:7.2f}")
     fl_split = floor.split(body, requests)
     print(f"\nhandler time split per request (ms, p50; model = {floor.runtime}, T={floor.temperature:g})")
     print("                              " + "".join(f"{name:>12s}" for name in SPLIT) + "   handler total")

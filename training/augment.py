@@ -8,9 +8,10 @@ stroke width (a partial 3x3 grey-level dilation or erosion), and optionally the 
 canvas brush (blur, then a steep ramp: full ink inside, a sharp edge, none of MNIST's soft grey).
 Works on (N, 1, 28, 28) ink in [0, 1].
 
-`AugmentConfig()` is the augmentation the shipped weights were trained with: the newer transforms
-are off there and draw no random numbers, so a default run reproduces those weights byte for byte.
-`PRESETS["pen"]` turns them on (`python -m training.train --augment-preset pen`).
+`AugmentConfig()` (preset `mnist`) is the first model's augmentation, and fine-tuning's
+(`training/retrain.py`): the newer transforms are off there and draw no random numbers, so it
+reproduces those weights byte for byte. `PRESETS["pen"]` turns them on: the shipped weights'
+(`python -m training.train`, whose default it is).
 """
 
 from __future__ import annotations
